@@ -1,0 +1,472 @@
+//! The `/v1/files*` routes: read, write, delete, list, stat, glob, move,
+//! chmod. Every path goes through [`path::normalize`].
+//!
+//! Blocking filesystem work runs on tokio's blocking pool so a slow disk or a
+//! big tree never stalls the event loop (and with it every running exec).
+
+use crate::body::{self, Body};
+use crate::error::ApiError;
+use crate::glob;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::Response;
+use stacyvm_agent_proto::{
+    format_mode, parse_mode, path, ChmodRequest, FileEntry, MoveRequest, Status, WriteResult,
+};
+use std::fs::{self, File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use tokio::sync::mpsc;
+
+/// Size of one chunk of a file download.
+const READ_CHUNK: usize = 256 * 1024;
+/// Uploads are written in chunks of at least this size.
+const WRITE_CHUNK: usize = 1024 * 1024;
+/// Default mode of uploaded files.
+const DEFAULT_FILE_MODE: u32 = 0o644;
+
+/// Run blocking filesystem work off the event loop.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("file task failed: {e}"))))
+}
+
+fn normalize(p: &str) -> Result<String, ApiError> {
+    Ok(path::normalize(p)?)
+}
+
+/// The last component of a normalized path (`/` for the root).
+fn base_name(p: &str) -> String {
+    match p.rsplit_once('/') {
+        Some((_, "")) | None => "/".to_string(),
+        Some((_, name)) => name.to_string(),
+    }
+}
+
+/// The parent directory of a normalized path other than `/`.
+fn parent_of(p: &str) -> &str {
+    match p.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &p[..i],
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir == "/" {
+        format!("/{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// RFC 3339 UTC, whole seconds.
+pub fn rfc3339(unix_secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// A [`FileEntry`] from `lstat` metadata.
+pub fn entry(path: String, name: String, m: &Metadata) -> FileEntry {
+    FileEntry {
+        path,
+        name,
+        size: m.len(),
+        mode: format_mode(m.mode()),
+        is_dir: m.is_dir(),
+        mod_time: rfc3339(m.mtime()),
+        is_symlink: m.file_type().is_symlink(),
+    }
+}
+
+fn status(status: &str) -> Response<Body> {
+    body::ok(&Status {
+        status: status.to_string(),
+    })
+}
+
+/// `GET /v1/files?path=`: stream the file's bytes.
+pub async fn read(raw_path: &str) -> Result<Response<Body>, ApiError> {
+    let p = normalize(raw_path)?;
+    let (file, meta) = blocking(move || {
+        let file = File::open(&p).map_err(|e| ApiError::from_io(&e, &p))?;
+        let meta = file.metadata().map_err(|e| ApiError::from_io(&e, &p))?;
+        if meta.is_dir() {
+            return Err(ApiError::invalid(format!("{p} is a directory")));
+        }
+        Ok((file, meta))
+    })
+    .await?;
+    // Regular files announce their length; special files (/proc, pipes)
+    // report 0 or lie, so they are sent chunked until EOF.
+    let known_len = (meta.is_file() && meta.len() > 0).then_some(meta.len());
+    let (tx, body) = Body::channel(4);
+    tokio::task::spawn_blocking(move || send_file(file, known_len, tx));
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(len) = known_len {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Ok(resp)
+}
+
+/// Blocking: read `file` in chunks into the body channel.
+fn send_file(mut file: File, len: Option<u64>, tx: mpsc::Sender<io::Result<Bytes>>) {
+    let mut left = len.unwrap_or(u64::MAX);
+    while left > 0 {
+        let want = READ_CHUNK.min(usize::try_from(left).unwrap_or(READ_CHUNK));
+        let mut buf = BytesMut::zeroed(want);
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        buf.truncate(n);
+        left -= n as u64;
+        if tx.blocking_send(Ok(buf.freeze())).is_err() {
+            return; // client went away
+        }
+    }
+}
+
+/// A random hex suffix for temporary file names.
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `len` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        bytes = (nanos ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn create_parents(dir: &str) -> Result<(), ApiError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EEXIST) | Some(libc::ENOTDIR) => ApiError::invalid(format!(
+                "cannot create directory {dir}: a parent is not a directory"
+            )),
+            _ => ApiError::from_io(&e, dir),
+        })
+}
+
+/// `PUT /v1/files?path=&mode=`: write the streamed body atomically.
+pub async fn write(
+    raw_path: &str,
+    raw_mode: Option<&str>,
+    body: Incoming,
+) -> Result<Response<Body>, ApiError> {
+    let p = normalize(raw_path)?;
+    if p == "/" {
+        return Err(ApiError::invalid("/ is a directory"));
+    }
+    let mode = match raw_mode {
+        None | Some("") => DEFAULT_FILE_MODE,
+        Some(m) => parse_mode(m).ok_or_else(|| {
+            ApiError::invalid(format!("invalid mode {m:?}: expected octal digits"))
+        })?,
+    };
+    let target = p.clone();
+    let (file, tmp) = blocking(move || {
+        if fs::metadata(&target).is_ok_and(|m| m.is_dir()) {
+            return Err(ApiError::invalid(format!("{target} is a directory")));
+        }
+        let dir = parent_of(&target);
+        create_parents(dir)?;
+        let name = base_name(&target);
+        loop {
+            let tmp = join(dir, &format!(".{name}.stacyvm-tmp-{}", random_suffix()));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+            {
+                Ok(f) => return Ok((f, tmp)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(ApiError::from_io(&e, &target)),
+            }
+        }
+    })
+    .await?;
+
+    // A blocking writer drains a small channel while the event loop reads
+    // the request body, so network and disk overlap.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<(File, u64)> {
+        let mut file = file;
+        let mut size = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all(&chunk)?;
+            size += chunk.len() as u64;
+        }
+        Ok((file, size))
+    });
+
+    let mut body = body;
+    let mut pending = BytesMut::new();
+    let mut upload_err: Option<ApiError> = None;
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(f) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+            Err(e) => {
+                upload_err = Some(ApiError::invalid(format!("upload interrupted: {e}")));
+                break;
+            }
+        };
+        let chunk = if pending.is_empty() && data.len() >= WRITE_CHUNK {
+            data
+        } else {
+            pending.extend_from_slice(&data);
+            if pending.len() < WRITE_CHUNK {
+                continue;
+            }
+            pending.split().freeze()
+        };
+        if tx.send(chunk).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
+    }
+    if upload_err.is_none() && !pending.is_empty() {
+        let _ = tx.send(pending.freeze()).await;
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| ApiError::internal(format!("write task failed: {e}")))
+        .and_then(|r| r.map_err(|e| ApiError::from_io(&e, &p)));
+
+    let (target, tmp2) = (p.clone(), tmp.clone());
+    let finished = blocking(move || {
+        if let Some(e) = upload_err {
+            return Err(e);
+        }
+        let (file, size) = written?;
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| ApiError::from_io(&e, &target))?;
+        drop(file);
+        fs::rename(&tmp2, &target).map_err(|e| ApiError::from_io(&e, &target))?;
+        Ok(size)
+    })
+    .await;
+    match finished {
+        Ok(size) => Ok(body::ok(&WriteResult { size })),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// `DELETE /v1/files?path=&recursive=`.
+pub async fn delete(raw_path: &str, recursive: bool) -> Result<Response<Body>, ApiError> {
+    let p = normalize(raw_path)?;
+    if p == "/" {
+        return Err(ApiError::invalid("refusing to delete /"));
+    }
+    blocking(move || {
+        let meta = fs::symlink_metadata(&p).map_err(|e| ApiError::from_io(&e, &p))?;
+        let res = if !meta.is_dir() {
+            fs::remove_file(&p)
+        } else if recursive {
+            // Does not follow symlinks inside the tree.
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_dir(&p)
+        };
+        res.map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
+                ApiError::conflict(format!("directory {p} is not empty (use recursive=true)"))
+            }
+            _ => ApiError::from_io(&e, &p),
+        })
+    })
+    .await?;
+    Ok(status("deleted"))
+}
+
+/// `GET /v1/files/list?path=`: one directory level, sorted by name.
+pub async fn list(raw_path: &str) -> Result<Response<Body>, ApiError> {
+    let p = normalize(raw_path)?;
+    let entries = blocking(move || {
+        let meta = fs::metadata(&p).map_err(|e| ApiError::from_io(&e, &p))?;
+        if !meta.is_dir() {
+            return Err(ApiError::invalid(format!("{p} is not a directory")));
+        }
+        let dir = fs::read_dir(&p).map_err(|e| ApiError::from_io(&e, &p))?;
+        let mut out = Vec::new();
+        for ent in dir {
+            let ent = ent.map_err(|e| ApiError::from_io(&e, &p))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let full = join(&p, &name);
+            if path::is_reserved(&full) {
+                continue;
+            }
+            // DirEntry::metadata does not follow symlinks; an entry removed
+            // meanwhile is skipped.
+            if let Ok(m) = ent.metadata() {
+                out.push(entry(full, name, &m));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    })
+    .await?;
+    Ok(body::ok(&entries))
+}
+
+/// `GET /v1/files/stat?path=`.
+pub async fn stat(raw_path: &str) -> Result<Response<Body>, ApiError> {
+    let p = normalize(raw_path)?;
+    let e = blocking(move || {
+        let m = fs::symlink_metadata(&p).map_err(|e| ApiError::from_io(&e, &p))?;
+        let name = base_name(&p);
+        Ok(entry(p, name, &m))
+    })
+    .await?;
+    Ok(body::ok(&e))
+}
+
+/// `GET /v1/files/glob?pattern=`.
+pub async fn glob(pattern: &str) -> Result<Response<Body>, ApiError> {
+    let pat = normalize(pattern)?;
+    let found = blocking(move || Ok(glob::glob(&pat))).await?;
+    Ok(body::ok(&found))
+}
+
+/// `POST /v1/files/move`.
+pub async fn rename(req: MoveRequest) -> Result<Response<Body>, ApiError> {
+    let from = normalize(&req.old_path)?;
+    let to = normalize(&req.new_path)?;
+    if from == "/" || to == "/" {
+        return Err(ApiError::invalid("cannot move /"));
+    }
+    blocking(move || {
+        fs::symlink_metadata(&from).map_err(|e| ApiError::from_io(&e, &from))?;
+        if from == to {
+            return Ok(());
+        }
+        if to.starts_with(&format!("{from}/")) {
+            return Err(ApiError::invalid(format!(
+                "cannot move {from} into itself ({to})"
+            )));
+        }
+        create_parents(parent_of(&to))?;
+        match fs::rename(&from, &to) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                copy_tree(Path::new(&from), Path::new(&to))
+                    .map_err(|e| ApiError::from_io(&e, &to))?;
+                let meta = fs::symlink_metadata(&from).map_err(|e| ApiError::from_io(&e, &from))?;
+                if meta.is_dir() {
+                    fs::remove_dir_all(&from)
+                } else {
+                    fs::remove_file(&from)
+                }
+                .map_err(|e| ApiError::from_io(&e, &from))
+            }
+            Err(e) => Err(ApiError::from_io(&e, &to)),
+        }
+    })
+    .await?;
+    Ok(status("moved"))
+}
+
+/// Copy a file, symlink or directory tree (for moves across filesystems).
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(from)?;
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = fs::read_link(from)?;
+        std::os::unix::fs::symlink(target, to)
+    } else if ft.is_dir() {
+        match fs::create_dir(to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && to.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+        for ent in fs::read_dir(from)? {
+            let ent = ent?;
+            copy_tree(&ent.path(), &to.join(ent.file_name()))?;
+        }
+        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
+    } else {
+        fs::copy(from, to).map(|_| ())
+    }
+}
+
+/// `POST /v1/files/chmod`.
+pub async fn chmod(req: ChmodRequest) -> Result<Response<Body>, ApiError> {
+    let p = normalize(&req.path)?;
+    let mode = parse_mode(&req.mode).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "invalid mode {:?}: expected octal digits",
+            req.mode
+        ))
+    })?;
+    blocking(move || {
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+            .map_err(|e| ApiError::from_io(&e, &p))
+    })
+    .await?;
+    Ok(status("chmod applied"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_pieces() {
+        assert_eq!(base_name("/"), "/");
+        assert_eq!(base_name("/a"), "a");
+        assert_eq!(base_name("/a/b.txt"), "b.txt");
+        assert_eq!(parent_of("/a"), "/");
+        assert_eq!(parent_of("/a/b/c"), "/a/b");
+        assert_eq!(join("/", "x"), "/x");
+        assert_eq!(join("/a", "x"), "/a/x");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn random_suffixes_differ() {
+        let a = random_suffix();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, random_suffix());
+    }
+}

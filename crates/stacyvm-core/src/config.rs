@@ -1,0 +1,376 @@
+//! Server configuration: a TOML file, then `STACYVM_*` environment overrides.
+//!
+//! Every field has an embedded default, so `stacyvm serve` runs with no file.
+
+use crate::duration;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{name}: {message}")]
+    Invalid { name: String, message: String },
+}
+
+fn invalid(name: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name: name.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Docker provider settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Docker Engine socket; default `DOCKER_HOST` or `/var/run/docker.sock`.
+    pub socket: Option<String>,
+    /// `missing` (pull images that are not present) or `never`.
+    pub pull: String,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            socket: None,
+            pull: "missing".to_string(),
+        }
+    }
+}
+
+/// The raw file form: durations and sizes as strings, everything optional.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    default_provider: Option<String>,
+    api_key: Option<String>,
+    preview_domain: Option<String>,
+    default_image: Option<String>,
+    default_ttl: Option<String>,
+    max_ttl: Option<String>,
+    default_exec_timeout: Option<String>,
+    max_exec_timeout: Option<String>,
+    default_memory_mb: Option<u64>,
+    max_memory_mb: Option<u64>,
+    default_vcpus: Option<u32>,
+    max_vcpus: Option<u32>,
+    pids_limit: Option<u64>,
+    max_sandboxes: Option<u64>,
+    max_body_bytes: Option<u64>,
+    output_limit_bytes: Option<u64>,
+    start_timeout: Option<String>,
+    reaper_interval: Option<String>,
+    agent_path: Option<PathBuf>,
+    log_format: Option<String>,
+    docker: Option<DockerConfig>,
+}
+
+/// Effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub default_provider: String,
+    /// Bootstrap admin key; auth is on when set.
+    pub api_key: Option<String>,
+    pub preview_domain: String,
+    pub default_image: String,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub default_exec_timeout: Duration,
+    pub max_exec_timeout: Duration,
+    pub default_memory_mb: u64,
+    pub max_memory_mb: u64,
+    pub default_vcpus: u32,
+    pub max_vcpus: u32,
+    pub pids_limit: u64,
+    /// Global cap of active sandboxes.
+    pub max_sandboxes: u64,
+    /// Largest JSON request body.
+    pub max_body_bytes: u64,
+    /// Exec output kept per stream.
+    pub output_limit_bytes: u64,
+    /// How long a sandbox may take to answer after its runtime started.
+    pub start_timeout: Duration,
+    pub reaper_interval: Duration,
+    /// Static agent binary; default: `stacyvm-agent` beside the server binary.
+    pub agent_path: Option<PathBuf>,
+    /// `text` or `json`.
+    pub log_format: String,
+    pub docker: DockerConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/stacyvm")
+    } else if let Some(home) = std::env::var_os("HOME") {
+        Path::new(&home).join(".local/share/stacyvm")
+    } else {
+        PathBuf::from("/tmp/stacyvm")
+    }
+}
+
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:7423".to_string(),
+            data_dir: default_data_dir(),
+            default_provider: "docker".to_string(),
+            api_key: None,
+            preview_domain: "localhost".to_string(),
+            default_image: "python:3.12".to_string(),
+            default_ttl: Duration::from_secs(30 * 60),
+            max_ttl: Duration::from_secs(24 * 3600),
+            default_exec_timeout: Duration::from_secs(5 * 60),
+            max_exec_timeout: Duration::from_secs(3600),
+            default_memory_mb: 512,
+            max_memory_mb: 16 * 1024,
+            default_vcpus: 1,
+            max_vcpus: host_cpus(),
+            pids_limit: 512,
+            max_sandboxes: 200,
+            max_body_bytes: 64 * 1024 * 1024,
+            output_limit_bytes: 16 * 1024 * 1024,
+            start_timeout: Duration::from_secs(60),
+            reaper_interval: Duration::from_millis(500),
+            agent_path: None,
+            log_format: "text".to_string(),
+            docker: DockerConfig::default(),
+        }
+    }
+}
+
+fn dur(name: &str, v: &str) -> Result<Duration, ConfigError> {
+    duration::parse(v).map_err(|e| invalid(name, e.to_string()))
+}
+
+fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| invalid(name, format!("{v:?} is not a valid number")))
+}
+
+impl Config {
+    /// Load from an optional TOML file, then apply environment overrides
+    /// from `env` (normally `std::env::vars()`).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = Config::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let f: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            cfg.apply_file(f)?;
+        }
+        for (k, v) in env {
+            cfg.apply_env(&k, &v)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_file(&mut self, f: FileConfig) -> Result<(), ConfigError> {
+        macro_rules! set {
+            ($field:ident) => {
+                if let Some(v) = f.$field {
+                    self.$field = v;
+                }
+            };
+        }
+        macro_rules! set_dur {
+            ($field:ident) => {
+                if let Some(v) = f.$field {
+                    self.$field = dur(stringify!($field), &v)?;
+                }
+            };
+        }
+        set!(listen);
+        set!(data_dir);
+        set!(default_provider);
+        set!(preview_domain);
+        set!(default_image);
+        set!(default_memory_mb);
+        set!(max_memory_mb);
+        set!(default_vcpus);
+        set!(max_vcpus);
+        set!(pids_limit);
+        set!(max_sandboxes);
+        set!(max_body_bytes);
+        set!(output_limit_bytes);
+        set!(log_format);
+        set!(docker);
+        set_dur!(default_ttl);
+        set_dur!(max_ttl);
+        set_dur!(default_exec_timeout);
+        set_dur!(max_exec_timeout);
+        set_dur!(start_timeout);
+        set_dur!(reaper_interval);
+        if f.api_key.is_some() {
+            self.api_key = f.api_key;
+        }
+        if f.agent_path.is_some() {
+            self.agent_path = f.agent_path;
+        }
+        Ok(())
+    }
+
+    fn apply_env(&mut self, key: &str, v: &str) -> Result<(), ConfigError> {
+        let Some(name) = key.strip_prefix("STACYVM_") else {
+            return Ok(());
+        };
+        match name {
+            "LISTEN" => self.listen = v.to_string(),
+            "DATA_DIR" => self.data_dir = PathBuf::from(v),
+            "DEFAULT_PROVIDER" => self.default_provider = v.to_string(),
+            "API_KEY" => self.api_key = (!v.is_empty()).then(|| v.to_string()),
+            "PREVIEW_DOMAIN" => self.preview_domain = v.to_string(),
+            "DEFAULT_IMAGE" => self.default_image = v.to_string(),
+            "DEFAULT_TTL" => self.default_ttl = dur(key, v)?,
+            "MAX_TTL" => self.max_ttl = dur(key, v)?,
+            "DEFAULT_EXEC_TIMEOUT" => self.default_exec_timeout = dur(key, v)?,
+            "MAX_EXEC_TIMEOUT" => self.max_exec_timeout = dur(key, v)?,
+            "DEFAULT_MEMORY_MB" => self.default_memory_mb = num(key, v)?,
+            "MAX_MEMORY_MB" => self.max_memory_mb = num(key, v)?,
+            "DEFAULT_VCPUS" => self.default_vcpus = num(key, v)?,
+            "MAX_VCPUS" => self.max_vcpus = num(key, v)?,
+            "PIDS_LIMIT" => self.pids_limit = num(key, v)?,
+            "MAX_SANDBOXES" => self.max_sandboxes = num(key, v)?,
+            "MAX_BODY_BYTES" => self.max_body_bytes = num(key, v)?,
+            "OUTPUT_LIMIT_BYTES" => self.output_limit_bytes = num(key, v)?,
+            "START_TIMEOUT" => self.start_timeout = dur(key, v)?,
+            "REAPER_INTERVAL" => self.reaper_interval = dur(key, v)?,
+            "AGENT_PATH" => self.agent_path = Some(PathBuf::from(v)),
+            "LOG_FORMAT" => self.log_format = v.to_string(),
+            "DOCKER_SOCKET" => self.docker.socket = Some(v.to_string()),
+            "DOCKER_PULL" => self.docker.pull = v.to_string(),
+            // Client-side and unrelated variables (STACYVM_URL, …) are not ours.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "listen",
+                format!("{:?} is not an address like 0.0.0.0:7423", self.listen),
+            ));
+        }
+        if self.default_ttl.is_zero() || self.default_ttl > self.max_ttl {
+            return Err(invalid(
+                "default_ttl",
+                "must be positive and at most max_ttl",
+            ));
+        }
+        if self.default_exec_timeout.is_zero() || self.default_exec_timeout > self.max_exec_timeout
+        {
+            return Err(invalid(
+                "default_exec_timeout",
+                "must be positive and at most max_exec_timeout",
+            ));
+        }
+        if self.default_memory_mb == 0 || self.default_memory_mb > self.max_memory_mb {
+            return Err(invalid(
+                "default_memory_mb",
+                "must be between 1 and max_memory_mb",
+            ));
+        }
+        if self.default_vcpus == 0 || self.default_vcpus > self.max_vcpus {
+            return Err(invalid("default_vcpus", "must be between 1 and max_vcpus"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("max_body_bytes", "must be at least 1024"));
+        }
+        if !matches!(self.docker.pull.as_str(), "missing" | "never") {
+            return Err(invalid("docker.pull", "must be \"missing\" or \"never\""));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(invalid("log_format", "must be \"text\" or \"json\""));
+        }
+        if self.preview_domain.is_empty() {
+            return Err(invalid("preview_domain", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7423");
+        assert_eq!(c.default_provider, "docker");
+        assert!(c.api_key.is_none());
+        assert_eq!(c.preview_domain, "localhost");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let dir = std::env::temp_dir().join(format!("stacyvm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nmax_ttl = \"2h\"\n[docker]\npull = \"never\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("STACYVM_LISTEN", "127.0.0.1:9001"),
+                ("STACYVM_API_KEY", "k1"),
+                ("STACYVM_PREVIEW_DOMAIN", "preview.test"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9001");
+        assert_eq!(c.max_ttl, Duration::from_secs(7200));
+        assert_eq!(c.docker.pull, "never");
+        assert_eq!(c.api_key.as_deref(), Some("k1"));
+        assert_eq!(c.preview_domain, "preview.test");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::load(None, env(&[("STACYVM_MAX_TTL", "forever")])).unwrap_err();
+        assert!(e.to_string().contains("STACYVM_MAX_TTL"), "{e}");
+        let e = Config::load(None, env(&[("STACYVM_LISTEN", "nowhere")])).unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+}

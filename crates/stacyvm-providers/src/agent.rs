@@ -1,0 +1,334 @@
+//! Client for the in-sandbox agent: HTTP/1.1 over the Unix socket that the
+//! provider exposes on the host. One connection per call keeps the client
+//! stateless; a Unix-socket connect plus handshake costs tens of microseconds.
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+pub use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use stacyvm_agent_proto::{
+    ChmodRequest, ErrorBody, ExecRequest, ExecResult, FileEntry, Health, MoveRequest, Stats,
+    Status, WriteResult,
+};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::net::UnixStream;
+
+/// Boxed error type for request bodies streamed to the agent.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request body the agent client can send (JSON, or a streamed upload).
+pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent answered with an error; `code` is an API error code.
+    #[error("{message}")]
+    Status {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    /// The socket could not be reached or the connection broke.
+    #[error("agent unreachable: {0}")]
+    Unreachable(String),
+    /// The agent answered something that is not the protocol.
+    #[error("agent protocol error: {0}")]
+    Protocol(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    socket: PathBuf,
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Build `path?k=v&…` with every value percent-encoded.
+pub fn with_query(path: &str, params: &[(&str, &str)]) -> String {
+    let mut s = path.to_string();
+    for (i, (k, v)) in params.iter().enumerate() {
+        s.push(if i == 0 { '?' } else { '&' });
+        s.push_str(k);
+        s.push('=');
+        s.push_str(&url_encode(v));
+    }
+    s
+}
+
+fn empty() -> AgentBody {
+    Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A request body from bytes in memory.
+pub fn full_body(data: Bytes) -> AgentBody {
+    Full::new(data).map_err(|e| match e {}).boxed_unsync()
+}
+
+fn json_body<T: serde::Serialize>(v: &T) -> Result<AgentBody, AgentError> {
+    let bytes = serde_json::to_vec(v).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    Ok(Full::new(Bytes::from(bytes))
+        .map_err(|e| match e {})
+        .boxed_unsync())
+}
+
+impl AgentClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        AgentClient {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Send one request; the answer's body streams from the connection.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: AgentBody,
+    ) -> Result<http::Response<Incoming>, AgentError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| AgentError::Unreachable(format!("{}: {e}", self.socket.display())))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "agent connection ended with an error");
+            }
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, "agent")
+            .body(body)
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))
+    }
+
+    /// Turn a non-2xx answer into [`AgentError::Status`].
+    pub async fn check(
+        resp: http::Response<Incoming>,
+    ) -> Result<http::Response<Incoming>, AgentError> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?
+            .to_bytes();
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => (e.code, e.message),
+            Err(_) => (
+                "internal".to_string(),
+                format!(
+                    "agent answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
+            ),
+        };
+        Err(AgentError::Status {
+            status,
+            code,
+            message,
+        })
+    }
+
+    async fn call_json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: AgentBody,
+    ) -> Result<T, AgentError> {
+        let resp = Self::check(self.send(method, path, body).await?).await?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Protocol(e.to_string()))
+    }
+
+    pub async fn health(&self) -> Result<Health, AgentError> {
+        self.call_json(Method::GET, "/v1/health", empty()).await
+    }
+
+    /// Poll until the agent answers `/v1/health`, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<Health, AgentError> {
+        let start = Instant::now();
+        let mut delay = Duration::from_micros(500);
+        loop {
+            match self.health().await {
+                Ok(h) => return Ok(h),
+                Err(e) if start.elapsed() >= timeout => return Err(e),
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Run a command and wait for its whole result.
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecResult, AgentError> {
+        debug_assert!(!req.stream);
+        self.call_json(Method::POST, "/v1/exec", json_body(req)?)
+            .await
+    }
+
+    /// Run a command with `stream: true`; the answer's body is NDJSON
+    /// [`stacyvm_agent_proto::ExecEvent`] lines.
+    pub async fn exec_stream(&self, req: &ExecRequest) -> Result<Incoming, AgentError> {
+        let resp = Self::check(self.send(Method::POST, "/v1/exec", json_body(req)?).await?).await?;
+        Ok(resp.into_body())
+    }
+
+    /// Stream a file's bytes. Returns the body and its length when known.
+    pub async fn read_file(&self, path: &str) -> Result<(Incoming, Option<u64>), AgentError> {
+        let resp = Self::check(
+            self.send(
+                Method::GET,
+                &with_query("/v1/files", &[("path", path)]),
+                empty(),
+            )
+            .await?,
+        )
+        .await?;
+        let len = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((resp.into_body(), len))
+    }
+
+    /// Write a file from a (possibly streamed) body, atomically.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        mode: Option<&str>,
+        body: AgentBody,
+    ) -> Result<WriteResult, AgentError> {
+        let mut q = vec![("path", path)];
+        if let Some(m) = mode {
+            q.push(("mode", m));
+        }
+        self.call_json(Method::PUT, &with_query("/v1/files", &q), body)
+            .await
+    }
+
+    pub async fn write_bytes(
+        &self,
+        path: &str,
+        mode: Option<&str>,
+        data: Bytes,
+    ) -> Result<WriteResult, AgentError> {
+        self.write_file(path, mode, full_body(data)).await
+    }
+
+    pub async fn delete(&self, path: &str, recursive: bool) -> Result<Status, AgentError> {
+        let r = if recursive { "true" } else { "false" };
+        self.call_json(
+            Method::DELETE,
+            &with_query("/v1/files", &[("path", path), ("recursive", r)]),
+            empty(),
+        )
+        .await
+    }
+
+    pub async fn list(&self, path: &str) -> Result<Vec<FileEntry>, AgentError> {
+        self.call_json(
+            Method::GET,
+            &with_query("/v1/files/list", &[("path", path)]),
+            empty(),
+        )
+        .await
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<FileEntry, AgentError> {
+        self.call_json(
+            Method::GET,
+            &with_query("/v1/files/stat", &[("path", path)]),
+            empty(),
+        )
+        .await
+    }
+
+    pub async fn glob(&self, pattern: &str) -> Result<Vec<String>, AgentError> {
+        self.call_json(
+            Method::GET,
+            &with_query("/v1/files/glob", &[("pattern", pattern)]),
+            empty(),
+        )
+        .await
+    }
+
+    pub async fn rename(&self, old_path: &str, new_path: &str) -> Result<Status, AgentError> {
+        let req = MoveRequest {
+            old_path: old_path.to_string(),
+            new_path: new_path.to_string(),
+        };
+        self.call_json(Method::POST, "/v1/files/move", json_body(&req)?)
+            .await
+    }
+
+    pub async fn chmod(&self, path: &str, mode: &str) -> Result<Status, AgentError> {
+        let req = ChmodRequest {
+            path: path.to_string(),
+            mode: mode.to_string(),
+        };
+        self.call_json(Method::POST, "/v1/files/chmod", json_body(&req)?)
+            .await
+    }
+
+    pub async fn logs(&self, lines: usize) -> Result<Vec<String>, AgentError> {
+        let n = lines.to_string();
+        self.call_json(
+            Method::GET,
+            &with_query("/v1/logs", &[("lines", &n)]),
+            empty(),
+        )
+        .await
+    }
+
+    pub async fn stats(&self) -> Result<Stats, AgentError> {
+        self.call_json(Method::GET, "/v1/stats", empty()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(
+            with_query("/v1/files", &[("path", "/a b/c&d=%"), ("mode", "644")]),
+            "/v1/files?path=/a%20b/c%26d%3D%25&mode=644"
+        );
+        assert_eq!(with_query("/v1/health", &[]), "/v1/health");
+    }
+}

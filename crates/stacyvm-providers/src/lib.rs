@@ -1,0 +1,144 @@
+//! Sandbox runtimes ("providers") behind one trait, plus the client for the
+//! in-sandbox agent.
+//!
+//! Providers differ only in how a sandbox is born and killed. Once it runs,
+//! the server talks to it through the agent ([`agent::AgentClient`]) over the
+//! Unix socket the provider exposes in the sandbox's host run directory.
+
+pub mod agent;
+pub mod docker;
+
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What a provider needs to start one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// `sb_…`; also the runtime's name/label.
+    pub id: String,
+    pub image: String,
+    pub memory_mb: u64,
+    pub vcpus: u32,
+    /// Max processes inside the sandbox.
+    pub pids_limit: u64,
+    pub network: NetworkMode,
+    /// Environment for the sandbox (the agent passes it to every exec).
+    pub env: BTreeMap<String, String>,
+    /// Host directory bind-mounted read-write at
+    /// [`stacyvm_agent_proto::RUN_DIR_IN_SANDBOX`]; the agent creates its
+    /// socket there. It exists when `create` is called.
+    pub run_dir: PathBuf,
+    /// Host path of the static agent binary, mounted read-only at
+    /// [`stacyvm_agent_proto::AGENT_PATH_IN_SANDBOX`] and used as PID 1.
+    pub agent_binary: PathBuf,
+    /// How long to wait for the agent to answer before giving up.
+    pub start_timeout: Duration,
+}
+
+impl SandboxSpec {
+    /// Host path of the agent's socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.run_dir.join(stacyvm_agent_proto::SOCKET_NAME)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// Loopback only.
+    None,
+    /// Outbound network through the runtime's default network.
+    Egress,
+}
+
+impl NetworkMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Egress => "egress",
+        }
+    }
+    pub fn parse(s: &str) -> Option<NetworkMode> {
+        match s {
+            "none" => Some(NetworkMode::None),
+            "egress" => Some(NetworkMode::Egress),
+            _ => None,
+        }
+    }
+}
+
+/// A runtime object the provider knows about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    pub sandbox_id: String,
+    /// Provider-specific id (container id, pid, …).
+    pub runtime_id: String,
+    pub running: bool,
+}
+
+/// What really isolates a provider's sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    Container,
+    Namespaces,
+    Microvm,
+    Ptrace,
+    None,
+}
+
+impl Isolation {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Isolation::Container => "container",
+            Isolation::Namespaces => "namespaces",
+            Isolation::Microvm => "microvm",
+            Isolation::Ptrace => "ptrace",
+            Isolation::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The runtime itself is down or unreachable (daemon not running…).
+    #[error("{provider} is unavailable: {message}")]
+    Unavailable { provider: String, message: String },
+    /// The image does not exist and could not be pulled.
+    #[error("image {image} is not available: {message}")]
+    Image { image: String, message: String },
+    /// The request cannot be met by this runtime (bad limits, unsupported mode).
+    #[error("{0}")]
+    Invalid(String),
+    /// The runtime failed while doing what was asked.
+    #[error("{0}")]
+    Runtime(String),
+    /// The sandbox started but its agent never answered.
+    #[error("agent did not become ready: {0}")]
+    AgentStart(String),
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Name used in the API (`docker`, `native`, …).
+    fn name(&self) -> &str;
+    fn isolation(&self) -> Isolation;
+    /// Feature words shown by `GET /api/v1/providers`.
+    fn capabilities(&self) -> Vec<String>;
+    /// Start the sandbox and return once its agent answers on
+    /// `spec.socket_path()`. On error nothing of the sandbox is left running.
+    async fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, ProviderError>;
+    /// Remove every runtime resource of the sandbox. Idempotent: a sandbox
+    /// that is already gone is success.
+    async fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError>;
+    /// The runtime of one sandbox, `None` if it does not exist.
+    async fn inspect(&self, sandbox_id: &str) -> Result<Option<RuntimeInfo>, ProviderError>;
+    /// Every runtime this server instance owns (for reconciliation).
+    async fn list(&self) -> Result<Vec<RuntimeInfo>, ProviderError>;
+    /// Cheap liveness check of the runtime itself.
+    async fn health(&self) -> Result<(), ProviderError>;
+    /// Recent runtime-side log lines of the sandbox (best effort).
+    async fn logs(&self, _sandbox_id: &str, _lines: usize) -> Vec<String> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,95 @@
+//! `stacyvm`: the server (`serve`) and a command-line client for it.
+
+mod bench;
+mod client;
+mod commands;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "stacyvm",
+    version,
+    about = "Self-hosted sandboxes for AI agents and developer tools"
+)]
+struct Cli {
+    /// Server URL for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "STACYVM_URL",
+        default_value = "http://127.0.0.1:7423"
+    )]
+    server: String,
+    /// API key for client commands.
+    #[arg(long, global = true, env = "STACYVM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the StacyVM server.
+    Serve {
+        /// TOML config file (environment variables STACYVM_* override it).
+        #[arg(long, env = "STACYVM_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Create a sandbox and print its id.
+    Spawn(commands::SpawnArgs),
+    /// Run a command in a sandbox; exits with the command's exit code.
+    Exec(commands::ExecArgs),
+    /// List sandboxes.
+    Ls(commands::LsArgs),
+    /// Destroy sandboxes.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Copy a file into or out of a sandbox: `cp ./a.py sb_x:/app/a.py`,
+    /// `cp sb_x:/out.txt ./out.txt` (`-` is stdin/stdout).
+    Cp { src: String, dst: String },
+    /// Measure exec latency, create→first exec and file throughput against
+    /// Docker's own CLI in the same run.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stacyvm: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        let client = || client::Client::new(&cli.server, cli.api_key.clone());
+        let res: anyhow::Result<i32> = async {
+            match cli.command {
+                Command::Serve { config } => serve::run(config).await.map(|_| 0),
+                Command::Spawn(a) => commands::spawn(&client()?, a).await,
+                Command::Exec(a) => commands::exec(&client()?, a).await,
+                Command::Ls(a) => commands::ls(&client()?, a).await,
+                Command::Rm { ids } => commands::rm(&client()?, ids).await,
+                Command::Cp { src, dst } => commands::cp(&client()?, &src, &dst).await,
+                Command::Bench(a) => bench::run(a, cli.api_key.clone()).await,
+            }
+        }
+        .await;
+        match res {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("stacyvm: {e:#}");
+                1
+            }
+        }
+    });
+    std::process::exit(code);
+}
