@@ -15,7 +15,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-APT_PACKAGES=(docker.io debootstrap debian-archive-keyring ca-certificates wget)
+APT_PACKAGES=(docker.io debootstrap debian-archive-keyring ca-certificates wget curl)
 PY_SDK_VERSION=0.1.1
 PY_PACKAGES=("stacyvm==$PY_SDK_VERSION" pytest httpx)
 
@@ -29,20 +29,29 @@ ensure_apt_packages "${APT_PACKAGES[@]}"
 # 2. docker daemon
 ensure_dockerd
 
-# 3. Python test dependencies
-command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH"
-if python3 - "$PY_SDK_VERSION" >/dev/null 2>&1 <<'EOF'
+# 3. Python test dependencies, in a virtualenv of our own (system Pythons
+#    refuse global pip installs).
+command -v python3 >/dev/null 2>&1 || ensure_apt_packages python3
+VENV="$STACYVM_CACHE_DIR/venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating python virtualenv $VENV"
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    ensure_apt_packages python3-venv
+    python3 -m venv "$VENV"
+  fi
+fi
+if "$VENV/bin/python" - "$PY_SDK_VERSION" >/dev/null 2>&1 <<'EOF2'
 import sys
 from importlib.metadata import version
 import stacyvm, pytest, httpx  # noqa: F401
 sys.exit(0 if version("stacyvm") == sys.argv[1] else 1)
-EOF
+EOF2
 then
   log "python test deps already installed (stacyvm $PY_SDK_VERSION, pytest, httpx)"
 else
-  log "installing python test deps: ${PY_PACKAGES[*]}"
-  PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    python3 -m pip install -q "${PY_PACKAGES[@]}"
+  log "installing python test deps into $VENV: ${PY_PACKAGES[*]}"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install -q "${PY_PACKAGES[@]}"
 fi
 
 # 4. sandbox test image

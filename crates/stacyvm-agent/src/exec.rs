@@ -4,6 +4,7 @@
 use crate::alog;
 use crate::body::{self, Body, BodySender};
 use crate::error::{io_message, ApiError};
+use crate::mem;
 use crate::proctree::kill_tree;
 use crate::reaper::{exit_code, Reaper, WaitStatus};
 use crate::utf8::{incomplete_tail, lossy, Utf8Chunker};
@@ -534,6 +535,7 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
         duration.as_secs_f64() * 1000.0,
         if timed_out { " timed_out" } else { "" }
     );
+    mem::transferred((output.kept[0] + output.kept[1]) as u64);
     let result = ExecResult {
         exit_code: exit,
         stdout: output.text(Which::Stdout),

@@ -7,6 +7,7 @@
 use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::glob;
+use crate::mem;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -127,7 +128,14 @@ pub async fn read(raw_path: &str) -> Result<Response<Body>, ApiError> {
 }
 
 /// Blocking: read `file` in chunks into the body channel.
-fn send_file(mut file: File, len: Option<u64>, tx: mpsc::Sender<io::Result<Bytes>>) {
+fn send_file(file: File, len: Option<u64>, tx: mpsc::Sender<io::Result<Bytes>>) {
+    let sent = send_chunks(file, len, &tx);
+    mem::transferred(sent);
+}
+
+/// Blocking: stream `file` into `tx`; returns how many bytes were queued.
+fn send_chunks(mut file: File, len: Option<u64>, tx: &mpsc::Sender<io::Result<Bytes>>) -> u64 {
+    let mut sent = 0u64;
     let mut left = len.unwrap_or(u64::MAX);
     while left > 0 {
         let want = READ_CHUNK.min(usize::try_from(left).unwrap_or(READ_CHUNK));
@@ -138,15 +146,17 @@ fn send_file(mut file: File, len: Option<u64>, tx: mpsc::Sender<io::Result<Bytes
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
-                return;
+                return sent;
             }
         };
         buf.truncate(n);
         left -= n as u64;
+        sent += n as u64;
         if tx.blocking_send(Ok(buf.freeze())).is_err() {
-            return; // client went away
+            return sent; // client went away
         }
     }
+    sent
 }
 
 /// A random hex suffix for temporary file names.
@@ -219,7 +229,7 @@ pub async fn write(
 
     // A blocking writer drains a small channel while the event loop reads
     // the request body, so network and disk overlap.
-    let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
     let writer = tokio::task::spawn_blocking(move || -> io::Result<(File, u64)> {
         let mut file = file;
         let mut size = 0u64;
@@ -231,6 +241,7 @@ pub async fn write(
     });
 
     let mut body = body;
+    let mut received = 0u64;
     let mut pending = BytesMut::new();
     let mut upload_err: Option<ApiError> = None;
     while let Some(frame) = body.frame().await {
@@ -244,6 +255,7 @@ pub async fn write(
                 break;
             }
         };
+        received += data.len() as u64;
         let chunk = if pending.is_empty() && data.len() >= WRITE_CHUNK {
             data
         } else {
@@ -279,6 +291,7 @@ pub async fn write(
         Ok(size)
     })
     .await;
+    mem::transferred(received);
     match finished {
         Ok(size) => Ok(body::ok(&WriteResult { size })),
         Err(e) => {

@@ -10,6 +10,7 @@ mod exec;
 mod files;
 mod glob;
 mod logbuf;
+mod mem;
 mod proctree;
 mod reaper;
 mod server;
@@ -60,6 +61,7 @@ fn parse_args() -> Result<Option<server::Config>, String> {
 }
 
 fn main() -> ExitCode {
+    mem::configure();
     let cfg = match parse_args() {
         Ok(Some(cfg)) => cfg,
         Ok(None) => return ExitCode::SUCCESS,

@@ -29,18 +29,29 @@ async fn exec_true_and_latency() {
     // Round trip including connect + handshake, as the server does it.
     let n = 100;
     let t0 = Instant::now();
+    let mut in_agent = 0;
     for _ in 0..n {
         let r = a.exec(json!({"argv": ["/bin/true"], "workdir": w})).await;
         assert_eq!(r.exit_code, 0);
+        in_agent += r.duration_ns;
     }
     let per = t0.elapsed() / n;
+    let in_agent = Duration::from_nanos(in_agent / u64::from(n));
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let _: Health = a.ok(Method::GET, "/v1/health", "").await;
+    }
+    let health = t0.elapsed() / n;
     // For comparison: spawning and waiting for /bin/true directly.
     let t0 = Instant::now();
     for _ in 0..n {
         std::process::Command::new("/bin/true").status().unwrap();
     }
     let local = t0.elapsed() / n;
-    eprintln!("exec true round trip: {per:?} (direct spawn+wait: {local:?})");
+    eprintln!(
+        "exec true round trip: {per:?} (process lifetime seen by the agent: {in_agent:?}; \
+         health round trip: {health:?}; direct spawn+wait here: {local:?})"
+    );
     assert!(per < Duration::from_millis(100), "exec true took {per:?}");
 }
 

@@ -62,31 +62,48 @@ pub fn elf_is_static(bytes: &[u8]) -> Result<bool, String> {
 /// into the data directory (so rebuilding the source never changes the file
 /// that running sandboxes have mounted).
 pub fn install_agent(cfg: &Config) -> Result<PathBuf, Error> {
-    let src = match &cfg.agent_path {
-        Some(p) => p.clone(),
-        None => agent_candidates()
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                Error::invalid(
-                    "the sandbox agent binary (stacyvm-agent) was not found beside the server; \
-                     build it with scripts/build.sh or set STACYVM_AGENT_PATH",
-                )
-            })?,
-    };
-    let bytes = std::fs::read(&src)
-        .map_err(|e| Error::invalid(format!("cannot read agent {}: {e}", src.display())))?;
-    match elf_is_static(&bytes) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(Error::invalid(format!(
-                "agent {} is dynamically linked and would not run in every image; \
-                 build it with scripts/build.sh (static)",
-                src.display()
-            )))
+    let (_src, bytes) = match &cfg.agent_path {
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| Error::invalid(format!("cannot read agent {}: {e}", p.display())))?;
+            match elf_is_static(&bytes) {
+                Ok(true) => (p.clone(), bytes),
+                Ok(false) => {
+                    return Err(Error::invalid(format!(
+                        "agent {} is dynamically linked and would not run in every image; \
+                         build it with scripts/build.sh (static)",
+                        p.display()
+                    )))
+                }
+                Err(e) => return Err(Error::invalid(format!("agent {}: {e}", p.display()))),
+            }
         }
-        Err(e) => return Err(Error::invalid(format!("agent {}: {e}", src.display()))),
-    }
+        None => {
+            // The first statically linked candidate wins; a dynamically
+            // linked build (e.g. from `cargo test`) is passed over.
+            let mut seen = Vec::new();
+            let mut found = None;
+            for p in agent_candidates() {
+                let Ok(bytes) = std::fs::read(&p) else { continue };
+                if elf_is_static(&bytes) == Ok(true) {
+                    found = Some((p, bytes));
+                    break;
+                }
+                seen.push(p.display().to_string());
+            }
+            found.ok_or_else(|| {
+                let also = if seen.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (not static: {})", seen.join(", "))
+                };
+                Error::invalid(format!(
+                    "no statically linked sandbox agent (stacyvm-agent) was found beside the server{also}; \
+                     build it with scripts/build.sh or set STACYVM_AGENT_PATH"
+                ))
+            })?
+        }
+    };
     let bin_dir = cfg.data_dir.join("bin");
     std::fs::create_dir_all(&bin_dir)
         .map_err(|e| Error::internal(format!("cannot create {}: {e}", bin_dir.display())))?;

@@ -172,8 +172,21 @@ impl AgentClient {
         serde_json::from_slice(&bytes).map_err(|e| AgentError::Protocol(e.to_string()))
     }
 
+    /// `GET /v1/health`, bounded: an agent that accepts but never answers
+    /// is reported unreachable after two seconds.
     pub async fn health(&self) -> Result<Health, AgentError> {
-        self.call_json(Method::GET, "/v1/health", empty()).await
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            self.call_json(Method::GET, "/v1/health", empty()),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(AgentError::Unreachable(format!(
+                "{}: no answer within 2s",
+                self.socket.display()
+            ))),
+        }
     }
 
     /// Poll until the agent answers `/v1/health`, or `timeout` passes.

@@ -12,7 +12,7 @@
 //! daemon is down, reports that from [`Provider::health`], and negotiates the
 //! API version on first contact once the daemon answers.
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, AgentError};
 use crate::{Isolation, NetworkMode, Provider, ProviderError, RuntimeInfo, SandboxSpec};
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
@@ -47,6 +47,8 @@ const REQUEST_TIMEOUT_SECS: u64 = 120;
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `destroy` waits for a removal that another caller started.
 const REMOVAL_WAIT: Duration = Duration::from_secs(15);
+/// Slack past the start timeout before a hung agent request is abandoned.
+const READY_GRACE: Duration = Duration::from_millis(500);
 /// Log lines attached to an agent start failure.
 const FAILURE_LOG_LINES: usize = 20;
 /// Minimum interval between two pull progress lines.
@@ -404,8 +406,16 @@ impl DockerProvider {
         let started = Instant::now();
         let agent = AgentClient::new(spec.socket_path());
         let exited = wait_exit(docker, name);
+        // `wait_ready` checks its deadline between attempts only; an agent that
+        // accepts a connection and never answers must not hold us past it.
+        let ready = tokio::time::timeout(
+            spec.start_timeout + READY_GRACE,
+            agent.wait_ready(spec.start_timeout),
+        );
         tokio::select! {
-            ready = agent.wait_ready(spec.start_timeout) => match ready {
+            ready = ready => match ready.unwrap_or_else(|_| {
+                Err(AgentError::Unreachable("the agent accepted but never answered".into()))
+            }) {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     let logs = tail_logs(docker, name, FAILURE_LOG_LINES).await;

@@ -711,3 +711,62 @@ async fn create_to_ready_latency() {
     eprintln!("create->ready p50 {p50:?}, all {times:?}");
     assert!(p50 < Duration::from_secs(3), "p50 {p50:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_that_appears_later_is_picked_up() {
+    let fx = Fixture::new().await;
+    // The socket does not exist when the provider is built…
+    let link = fx.dir.join("docker.sock");
+    let provider = DockerProvider::connect(DockerOptions {
+        socket: Some(link.display().to_string()),
+        instance_id: fx.instance.clone(),
+        pull: PullPolicy::Missing,
+    })
+    .await
+    .expect("construction must not need the daemon");
+    let err = provider.health().await.expect_err("health while down");
+    assert!(matches!(err, ProviderError::Unavailable { .. }), "{err:?}");
+    let spec = fx.spec();
+    let err = provider.create(&spec).await.expect_err("create while down");
+    assert!(matches!(err, ProviderError::Unavailable { .. }), "{err:?}");
+
+    // …then the daemon shows up there: the next calls connect and negotiate.
+    let real = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+        .unwrap_or_else(|| "/var/run/docker.sock".to_string());
+    std::os::unix::fs::symlink(real, &link).expect("symlink");
+    provider.health().await.expect("health once up");
+    let info = provider.create(&spec).await.expect("create once up");
+    assert!(info.running);
+    provider.destroy(&spec.id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_that_accepts_but_never_answers_times_out() {
+    let fx = Fixture::new().await;
+    let mut spec = fx.spec();
+    // Listens on the agent socket but never replies.
+    spec.agent_binary = fx.script(
+        "mute-agent",
+        "#!/usr/bin/python3\nimport socket, time\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.bind('/.stacyvm/run/agent.sock')\ns.listen(16)\nprint('mute agent up', flush=True)\n\
+         conns = []\nwhile True:\n    conns.append(s.accept())\n",
+    );
+    spec.start_timeout = Duration::from_millis(1500);
+    let t0 = Instant::now();
+    let err = fx
+        .provider
+        .create(&spec)
+        .await
+        .expect_err("create must fail");
+    assert!(matches!(err, ProviderError::AgentStart(_)), "{err:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t0.elapsed()
+    );
+    eprintln!("{err}");
+    assert!(fx.containers().await.is_empty(), "container left behind");
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian/Ubuntu machine or an existing one:
+# prepares the host (docker, test image, Python deps), builds, then runs the
+# Rust tests and the end-to-end suite against the real server and dockerd.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+"$root/scripts/setup-host.sh"
+"$root/scripts/build.sh"
+
+export CARGO_INCREMENTAL=0
+triple="$(rustc -vV | sed -n 's/^host: //p')"
+export STACYVM_BIN="$root/target/release/stacyvm"
+export STACYVM_AGENT_PATH="$root/target/$triple/release/stacyvm-agent"
+export STACYVM_TEST_IMAGE="${STACYVM_TEST_IMAGE:-stacyvm-test/python:bookworm}"
+
+echo "==> cargo test (workspace)"
+cargo test --release --locked --workspace
+
+echo "==> end-to-end tests (real server, real dockerd, official Python client)"
+py="${STACYVM_CACHE_DIR:-$root/.ci/cache}/venv/bin/python"
+"$py" -m pytest "$root/tests/e2e" -q -p no:cacheprovider
