@@ -618,6 +618,7 @@ impl Engine {
     pub async fn run_reaper(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.cfg.reaper_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep = Instant::now();
         loop {
             tick.tick().await;
             match self.prune("ttl expired").await {
@@ -629,6 +630,10 @@ impl Engine {
                     tracing::info!(count = n, "reaper destroyed expired sandboxes");
                 }
                 Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
+            }
+            if last_sweep.elapsed() >= Duration::from_secs(30) {
+                last_sweep = Instant::now();
+                self.sweep_orphans().await;
             }
             // Finish destroys that failed earlier (e.g. the runtime was down).
             if let Ok(stuck) = self
@@ -645,6 +650,38 @@ impl Engine {
     }
 
     // ----- reconciliation -------------------------------------------------
+
+    /// Remove runtimes of this instance whose record is gone, destroyed or
+    /// failed (e.g. a runtime that a crashed create left half-made).
+    /// Runtimes of `creating` records are left alone: their create is
+    /// still under way.
+    pub async fn sweep_orphans(&self) {
+        for (name, provider) in &self.providers {
+            let Ok(runtimes) = provider.list().await else {
+                continue;
+            };
+            for rt in runtimes {
+                let idc = rt.sandbox_id.clone();
+                let rec = match self.db(move |s| s.get_sandbox(&idc)).await {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                };
+                let orphan = match &rec {
+                    None => true,
+                    Some(r) => matches!(r.state, SandboxState::Destroyed | SandboxState::Error),
+                };
+                if orphan {
+                    tracing::warn!(provider = %name, sandbox = %rt.sandbox_id, "removing orphaned runtime");
+                    if let Err(e) = provider.destroy(&rt.sandbox_id).await {
+                        tracing::warn!(sandbox = %rt.sandbox_id, error = %e, "orphan removal failed");
+                    }
+                    if rec.is_none() {
+                        let _ = std::fs::remove_dir_all(self.run_dir(&rt.sandbox_id));
+                    }
+                }
+            }
+        }
+    }
 
     /// Bring store and runtimes into agreement after a (re)start: orphaned
     /// runtimes are destroyed, records whose runtime vanished are marked

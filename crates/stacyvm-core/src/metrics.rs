@@ -9,6 +9,9 @@ const EXEC_BUCKETS: [f64; 12] = [
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0,
 ];
 
+/// A point-in-time gauge: name, help text, and `(labels, value)` samples.
+pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
+
 #[derive(Default)]
 pub struct Metrics {
     pub sandboxes_created: AtomicU64,
@@ -50,7 +53,7 @@ impl Metrics {
     }
 
     /// Render every metric; `gauges` adds point-in-time values computed by the caller.
-    pub fn render(&self, gauges: &[(&str, &str, Vec<(String, f64)>)]) -> String {
+    pub fn render(&self, gauges: &[Gauge<'_>]) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(

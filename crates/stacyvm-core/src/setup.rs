@@ -84,7 +84,9 @@ pub fn install_agent(cfg: &Config) -> Result<PathBuf, Error> {
             let mut seen = Vec::new();
             let mut found = None;
             for p in agent_candidates() {
-                let Ok(bytes) = std::fs::read(&p) else { continue };
+                let Ok(bytes) = std::fs::read(&p) else {
+                    continue;
+                };
                 if elf_is_static(&bytes) == Ok(true) {
                     found = Some((p, bytes));
                     break;

@@ -21,7 +21,11 @@ pub struct BenchArgs {
     #[arg(long = "target", value_name = "URL")]
     target: Option<String>,
     /// Image for every sandbox (must exist in the local Docker daemon).
-    #[arg(long, env = "STACYVM_TEST_IMAGE", default_value = "stacyvm-test/python:bookworm")]
+    #[arg(
+        long,
+        env = "STACYVM_TEST_IMAGE",
+        default_value = "stacyvm-test/python:bookworm"
+    )]
     image: String,
     #[arg(long, default_value = "docker")]
     provider: String,
@@ -98,7 +102,9 @@ impl Drop for OwnServer {
 }
 
 async fn start_server(api_key: Option<&str>) -> Result<(OwnServer, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let data_dir = std::env::temp_dir().join(format!("svm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir)?;
     let exe = std::env::current_exe()?;
@@ -123,7 +129,8 @@ async fn start_server(api_key: Option<&str>) -> Result<(OwnServer, String)> {
             break;
         }
         if Instant::now() > deadline {
-            let log = std::fs::read_to_string(server.data_dir.join("server.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(server.data_dir.join("server.log")).unwrap_or_default();
             bail!("the benchmark server did not become ready:\n{log}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -158,7 +165,10 @@ async fn create(c: &Client, image: &str, provider: &str) -> Result<String> {
             Some(&json!({"image": image, "provider": provider, "ttl": "15m", "metadata": {"purpose": "bench"}})),
         )
         .await?;
-    sb["id"].as_str().map(str::to_string).context("create answered no id")
+    sb["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("create answered no id")
 }
 
 async fn exec_true(c: &Client, id: &str) -> Result<()> {
@@ -204,7 +214,10 @@ pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
         }
     };
     let c = Client::new(&url, api_key.clone())?;
-    eprintln!("benchmarking {url} (image {}, provider {})", a.image, a.provider);
+    eprintln!(
+        "benchmarking {url} (image {}, provider {})",
+        a.image, a.provider
+    );
     let mut rows = Vec::new();
     let mut created: Vec<String> = Vec::new();
     let result = async {
@@ -248,7 +261,14 @@ pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
         }
         let mut peer = Vec::new();
         for _ in 0..a.create_iterations {
-            peer.push(ms(docker(&["run", "--rm", "--network", "none", &a.image, "true"])?));
+            peer.push(ms(docker(&[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                &a.image,
+                "true",
+            ])?));
         }
         rows.push(Row {
             name: "create → first exec",
