@@ -145,6 +145,10 @@ impl Drop for TreeGuard {
     fn drop(&mut self) {
         if self.armed {
             kill_tree(self.pid);
+            alog!(
+                "exec pid={} abandoned (client went away); killed its process tree",
+                self.pid
+            );
         }
     }
 }
@@ -364,6 +368,16 @@ async fn read_pipe(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Res
     }
 }
 
+/// Read and drop everything from `pipe` until its writers are gone.
+async fn discard(mut pipe: pipe::Receiver) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = pipe.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 async fn reserve(tx: &Option<BodySender>) -> Option<mpsc::Permit<'_, io::Result<Bytes>>> {
     match tx {
         Some(t) => t.reserve().await.ok(),
@@ -429,7 +443,8 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
     let mut guard = TreeGuard { pid, armed: true };
     let deadline = match plan.req.timeout_ms {
         0 => None,
-        ms => Some(started + Duration::from_millis(ms)),
+        // An absurdly far deadline is no deadline.
+        ms => started.checked_add(Duration::from_millis(ms)),
     };
     let mut out_buf = vec![0u8; READ_CHUNK];
     let mut err_buf = vec![0u8; READ_CHUNK];
@@ -516,11 +531,17 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
         alog!("exec {argv0:?} pid={pid}: client went away; killed its process tree");
     }
     drop(guard);
-    if stdout.take().is_some() {
-        output.finish(Which::Stdout);
-    }
-    if stderr.take().is_some() {
-        output.finish(Which::Stderr);
+    // Background processes may still hold the pipes. Keep draining them
+    // (discarding) so those processes don't die of SIGPIPE on their next
+    // write once the answer is out.
+    for (pipe, which) in [
+        (stdout.take(), Which::Stdout),
+        (stderr.take(), Which::Stderr),
+    ] {
+        if let Some(p) = pipe {
+            output.finish(which);
+            tokio::spawn(discard(p));
+        }
     }
     let exit = match status {
         Some(s) => exit_code(s),

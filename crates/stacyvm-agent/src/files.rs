@@ -8,7 +8,7 @@ use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::glob;
 use crate::mem;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -16,16 +16,20 @@ use hyper::Response;
 use stacyvm_agent_proto::{
     format_mode, parse_mode, path, ChmodRequest, FileEntry, MoveRequest, Status, WriteResult,
 };
+use std::collections::VecDeque;
 use std::fs::{self, File, Metadata};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use tokio::sync::mpsc;
 
 /// Size of one chunk of a file download.
 const READ_CHUNK: usize = 256 * 1024;
-/// Uploads are written in chunks of at least this size.
-const WRITE_CHUNK: usize = 1024 * 1024;
+/// Body frames queued for the upload writer.
+const WRITE_QUEUE: usize = 32;
+/// The upload writer gathers up to this many bytes into one vectored write.
+const WRITE_BATCH: usize = 1024 * 1024;
 /// Default mode of uploaded files.
 const DEFAULT_FILE_MODE: u32 = 0o644;
 
@@ -102,10 +106,28 @@ fn status(status: &str) -> Response<Body> {
 pub async fn read(raw_path: &str) -> Result<Response<Body>, ApiError> {
     let p = normalize(raw_path)?;
     let (file, meta) = blocking(move || {
-        let file = File::open(&p).map_err(|e| ApiError::from_io(&e, &p))?;
+        // O_NONBLOCK so opening a FIFO cannot hang; refused below anyway.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .map_err(|e| ApiError::from_io(&e, &p))?;
         let meta = file.metadata().map_err(|e| ApiError::from_io(&e, &p))?;
-        if meta.is_dir() {
+        let ft = meta.file_type();
+        if ft.is_dir() {
             return Err(ApiError::invalid(format!("{p} is a directory")));
+        }
+        if ft.is_fifo() || ft.is_socket() {
+            return Err(ApiError::invalid(format!("{p} is not a regular file")));
+        }
+        // Back to blocking reads (matters for character devices).
+        // SAFETY: fcntl on a file descriptor we own.
+        unsafe {
+            let fd = file.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
         }
         Ok((file, meta))
     })
@@ -187,6 +209,30 @@ fn create_parents(dir: &str) -> Result<(), ApiError> {
         })
 }
 
+/// Write every buffer in `bufs` (emptying it), with vectored writes.
+fn write_all_bufs(file: &mut File, bufs: &mut VecDeque<Bytes>) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let slices: Vec<IoSlice<'_>> = bufs.iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let mut n = match file.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            let Some(front) = bufs.front_mut() else { break };
+            if n >= front.len() {
+                n -= front.len();
+                bufs.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `PUT /v1/files?path=&mode=`: write the streamed body atomically.
 pub async fn write(
     raw_path: &str,
@@ -227,22 +273,41 @@ pub async fn write(
     })
     .await?;
 
-    // A blocking writer drains a small channel while the event loop reads
-    // the request body, so network and disk overlap.
-    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    // Removes the temporary file unless it was renamed into place, also when
+    // the client hangs up and this future is dropped.
+    let mut guard = TempFile {
+        path: tmp,
+        keep: false,
+    };
+
+    // A blocking writer drains a channel of body frames while the event loop
+    // reads the request, so network and disk overlap. Frames are written as
+    // they are (no copying), gathered into vectored writes.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     let writer = tokio::task::spawn_blocking(move || -> io::Result<(File, u64)> {
         let mut file = file;
         let mut size = 0u64;
-        while let Some(chunk) = rx.blocking_recv() {
-            file.write_all(&chunk)?;
-            size += chunk.len() as u64;
+        let mut bufs: VecDeque<Bytes> = VecDeque::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = first.len();
+            bufs.push_back(first);
+            while batch < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(b) => {
+                        batch += b.len();
+                        bufs.push_back(b);
+                    }
+                    Err(_) => break,
+                }
+            }
+            write_all_bufs(&mut file, &mut bufs)?;
+            size += batch as u64;
         }
         Ok((file, size))
     });
 
     let mut body = body;
     let mut received = 0u64;
-    let mut pending = BytesMut::new();
     let mut upload_err: Option<ApiError> = None;
     while let Some(frame) = body.frame().await {
         let data = match frame {
@@ -255,22 +320,13 @@ pub async fn write(
                 break;
             }
         };
+        if data.is_empty() {
+            continue;
+        }
         received += data.len() as u64;
-        let chunk = if pending.is_empty() && data.len() >= WRITE_CHUNK {
-            data
-        } else {
-            pending.extend_from_slice(&data);
-            if pending.len() < WRITE_CHUNK {
-                continue;
-            }
-            pending.split().freeze()
-        };
-        if tx.send(chunk).await.is_err() {
+        if tx.send(data).await.is_err() {
             break; // the writer failed; its error is reported below
         }
-    }
-    if upload_err.is_none() && !pending.is_empty() {
-        let _ = tx.send(pending.freeze()).await;
     }
     drop(tx);
     let written = writer
@@ -278,7 +334,7 @@ pub async fn write(
         .map_err(|e| ApiError::internal(format!("write task failed: {e}")))
         .and_then(|r| r.map_err(|e| ApiError::from_io(&e, &p)));
 
-    let (target, tmp2) = (p.clone(), tmp.clone());
+    let (target, tmp2) = (p.clone(), guard.path.clone());
     let finished = blocking(move || {
         if let Some(e) = upload_err {
             return Err(e);
@@ -292,11 +348,21 @@ pub async fn write(
     })
     .await;
     mem::transferred(received);
-    match finished {
-        Ok(size) => Ok(body::ok(&WriteResult { size })),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
+    let size = finished?;
+    guard.keep = true;
+    Ok(body::ok(&WriteResult { size }))
+}
+
+/// A temporary upload file, removed on drop unless `keep` is set.
+struct TempFile {
+    path: String,
+    keep: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_file(&self.path);
         }
     }
 }

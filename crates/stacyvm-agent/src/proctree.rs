@@ -75,35 +75,43 @@ pub fn tree_members(procs: &[ProcInfo], roots: &HashSet<i32>) -> HashSet<i32> {
 }
 
 /// SIGKILL the process group `root`, the session `root` leads and all of
-/// `root`'s descendants. The descendant set is collected before anything is
-/// killed; a second pass catches processes forked in between.
+/// `root`'s descendants.
+///
+/// The tree is frozen first (SIGSTOP) so no process dies and gets
+/// reparented, or forks, while the descendant set is collected; only then is
+/// everything killed.
 pub fn kill_tree(root: i32) {
     if root <= 1 {
         return;
     }
     let me = std::process::id() as i32;
+    let signal = |pid: i32, sig: i32| {
+        if pid > 1 && pid != me {
+            // SAFETY: kill(2) on a pid we just saw in the tree.
+            unsafe { libc::kill(pid, sig) };
+        }
+    };
     // SAFETY: kill(2) with a negative pid signals a process group.
-    unsafe { libc::kill(-root, libc::SIGKILL) };
-    let mut roots: HashSet<i32> = HashSet::from([root]);
-    let mut killed: HashSet<i32> = HashSet::new();
-    for _ in 0..2 {
-        let members = tree_members(&scan(), &roots);
-        let fresh: Vec<i32> = members
+    unsafe { libc::kill(-root, libc::SIGSTOP) };
+    let mut members: HashSet<i32> = HashSet::from([root]);
+    for _ in 0..4 {
+        let fresh: Vec<i32> = tree_members(&scan(), &members)
             .into_iter()
-            .filter(|&p| p > 1 && p != me && !killed.contains(&p))
+            .filter(|p| !members.contains(p))
             .collect();
         if fresh.is_empty() {
             break;
         }
-        for &pid in &fresh {
-            // SAFETY: kill(2) on a pid we just saw in our tree.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            killed.insert(pid);
-            roots.insert(pid);
+        for pid in fresh {
+            signal(pid, libc::SIGSTOP);
+            members.insert(pid);
         }
     }
     // SAFETY: as above.
     unsafe { libc::kill(-root, libc::SIGKILL) };
+    for &pid in &members {
+        signal(pid, libc::SIGKILL);
+    }
 }
 
 #[cfg(test)]

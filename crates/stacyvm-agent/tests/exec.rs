@@ -128,6 +128,17 @@ async fn workdir_is_used_and_checked() {
         .exec(json!({"argv": ["pwd"], "workdir": sub.to_str().unwrap()}))
         .await;
     assert_eq!(r.stdout.trim_end(), sub.to_str().unwrap());
+    // A relative program path is relative to the workdir.
+    std::fs::write(sub.join("s.sh"), "#!/bin/sh\necho script ran\n").unwrap();
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(sub.join("s.sh"))
+        .status()
+        .unwrap();
+    let r = a
+        .exec(json!({"argv": ["./s.sh"], "workdir": sub.to_str().unwrap()}))
+        .await;
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "script ran\n"));
 
     let bad = |req: serde_json::Value| {
         let body = serde_json::to_vec(&req).unwrap();
@@ -245,6 +256,27 @@ async fn timeout_kills_the_whole_tree() {
     assert!(leftovers.is_empty(), "left over: {leftovers:?}");
 }
 
+#[tokio::test]
+async fn timeout_kills_processes_in_their_own_session() {
+    let a = Agent::start();
+    // A grandchild that left the session and process group is still found
+    // through its parent link.
+    let r = a
+        .exec(json!({
+            "argv": ["sh", "-c", "setsid sleep 30 & echo $!; sleep 31"],
+            "workdir": a.work.str(),
+            "timeout_ms": 300
+        }))
+        .await;
+    assert!(r.timed_out);
+    let pid: i32 = r.stdout.trim().parse().expect("pid of the setsid sleep");
+    let gone = wait_gone(pid, Duration::from_secs(2));
+    if !gone {
+        kill(pid);
+    }
+    assert!(gone, "setsid'd sleep {pid} survived the timeout");
+}
+
 /// Live descendants' pids whose parent is `parent`.
 fn children_of(parent: i32) -> Vec<i32> {
     let mut out = Vec::new();
@@ -281,6 +313,23 @@ async fn background_children_do_not_hold_the_answer() {
     assert!(alive(pid));
     kill(pid);
     assert!(wait_gone(pid, Duration::from_secs(2)));
+
+    // A background process that writes after the answer is not killed by
+    // SIGPIPE: the agent keeps draining the pipes.
+    let marker = a.work.path().join("marker");
+    let script = format!(
+        "(sleep 0.4; echo late; echo late >&2; echo done > {}) & echo started",
+        marker.display()
+    );
+    let r = a
+        .exec(json!({"argv": ["sh", "-c", script], "workdir": a.work.str()}))
+        .await;
+    assert_eq!(r.stdout, "started\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the background writer died");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Read an NDJSON exec stream to its end.
@@ -396,6 +445,46 @@ async fn streaming_client_disconnect_kills_the_tree() {
         wait_gone(pid, Duration::from_secs(3)),
         "process {pid} survived the disconnect"
     );
+}
+
+#[tokio::test]
+async fn hanging_up_on_a_plain_exec_kills_the_tree() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Agent::start();
+    let pidfile = a.work.path().join("pid");
+    let body = json!({
+        "argv": ["sh", "-c", format!("echo $$ > {}; exec sleep 30", pidfile.display())],
+        "workdir": a.work.str()
+    })
+    .to_string();
+    let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    let head = format!(
+        "POST /v1/exec HTTP/1.1\r\nHost: agent\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pid: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the command did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Nothing has been answered yet.
+    let mut buf = [0u8; 16];
+    let early = tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await;
+    assert!(early.is_err(), "answered before the command ended");
+    drop(s);
+    let gone = wait_gone(pid, Duration::from_secs(3));
+    if !gone {
+        kill(pid);
+    }
+    assert!(gone, "process {pid} survived the hang-up");
 }
 
 #[tokio::test]

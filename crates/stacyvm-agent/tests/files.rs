@@ -85,6 +85,44 @@ async fn big_file_round_trip() {
 }
 
 #[tokio::test]
+async fn interrupted_upload_leaves_nothing_behind() {
+    use tokio::io::AsyncWriteExt;
+    let a = Agent::start();
+    let w = a.work.str();
+    let target = format!("{w}/partial.bin");
+    let mut s = tokio::net::UnixStream::connect(&a.sock).await.unwrap();
+    let head = format!(
+        "PUT /v1/files?path={} HTTP/1.1\r\nHost: agent\r\nContent-Length: 10000000\r\n\r\n",
+        common::enc(&target)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![7u8; 300_000]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    drop(s);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let names: Vec<String> = std::fs::read_dir(a.work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.is_empty(), "left behind: {names:?}");
+    // Special files: a FIFO is refused instead of hanging.
+    let fifo = format!("{w}/fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    a.err(Method::GET, &q("/v1/files", &fifo), "", BAD, INVALID)
+        .await;
+    // A /proc file (size 0 in stat) is sent in full.
+    let (status, body) = a
+        .call(Method::GET, "/v1/files?path=/proc/self/status", "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&body).contains("Pid:"));
+}
+
+#[tokio::test]
 async fn write_modes_parents_and_refusals() {
     let a = Agent::start();
     let w = a.work.str();
