@@ -14,6 +14,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -55,6 +56,7 @@ READY_TIMEOUT = 30.0
 
 # Servers currently running, so a failing test can show their log tails.
 _LIVE_SERVERS: list["ServerProcess"] = []
+_LOG_SEQ = itertools.count(1)
 
 
 # --------------------------------------------------------------------------
@@ -192,6 +194,7 @@ class ServerProcess:
         self._log_file = None
         self.generation = 0
         self.known_instance_ids: set[str] = set()
+        self.log_paths: list[str] = []
 
     # -- process control ---------------------------------------------------
 
@@ -216,7 +219,8 @@ class ServerProcess:
     def start(self, wait: bool = True) -> "ServerProcess":
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.generation += 1
-        self.log_path = f"{self.data_dir}.server{self.generation}.log"
+        self.log_path = f"{self.data_dir}.server{next(_LOG_SEQ)}.log"
+        self.log_paths.append(self.log_path)
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [BIN, "serve"],
@@ -345,6 +349,12 @@ class ServerProcess:
             _LIVE_SERVERS.remove(self)
         if self.owns_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+        if not os.environ.get("STACYVM_E2E_KEEP_LOGS"):
+            for path in self.log_paths:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def __repr__(self) -> str:
         return f"<stacyvm server {self.url} pid={self.pid} data_dir={self.data_dir}>"
@@ -394,6 +404,7 @@ class SandboxTracker:
     def cleanup(self) -> list[str]:
         """Destroy everything; return a list of problems (leaks, errors)."""
         problems = []
+        # 1. destroy through every server that is still up
         for server, sid in self.items:
             if server.running:
                 try:
@@ -405,6 +416,8 @@ class SandboxTracker:
                         )
                 except httpx.HTTPError as e:
                     problems.append(f"DELETE {sid} failed: {e!r}")
+        # 2. no container may be left for any of them
+        for sid in dict.fromkeys(sid for _, sid in self.items):
             left = wait_no_containers(sid)
             if left:
                 problems.append(

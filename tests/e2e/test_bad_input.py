@@ -3,9 +3,9 @@ of API.md §1 — never a 500 — and no file call escapes the sandbox."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
+import socket
 import time
 import uuid
 
@@ -60,16 +60,14 @@ def no_500_anywhere():
     assert not bad, f"500 answers: {bad}"
 
 
-def test_no_500_in_recorded_answers():
-    # runs last in file order; the autouse fixture re-checks at module end
-    bad = [x for x in _RESPONSES if x[2] >= 500 and x[2] != 502]
-    assert not bad, f"5xx answers: {bad}"
-    assert len(_RESPONSES) > 50, "the module should have exercised many answers"
-
-
 # --------------------------------------------------------------------------
 # paths
 # --------------------------------------------------------------------------
+
+# Raw uploads rejected before their body is read make the server drop the
+# connection; those requests ask for a fresh connection so the bug is only
+# reported once, by test_rejected_raw_upload_keeps_connection_usable.
+CLOSE = {"Connection": "close"}
 
 BAD_PATHS = [
     ("relative", "etc/passwd"),
@@ -90,7 +88,8 @@ def _path_calls(sid: str, path: str):
         ("list", dict(method="GET", url=f"/sandboxes/{sid}/files/list", params={"path": path})),
         ("delete", dict(method="DELETE", url=f"/sandboxes/{sid}/files", params={"path": path, "recursive": "true"})),
         ("write", dict(method="POST", url=f"/sandboxes/{sid}/files", json={"path": path, "content": "x"})),
-        ("raw-put", dict(method="PUT", url=f"/sandboxes/{sid}/files/raw", params={"path": path}, content=b"x")),
+        # (Connection: close: see test_rejected_raw_upload_keeps_connection_usable)
+        ("raw-put", dict(method="PUT", url=f"/sandboxes/{sid}/files/raw", params={"path": path}, content=b"x", headers=CLOSE)),
         ("chmod", dict(method="POST", url=f"/sandboxes/{sid}/files/chmod", json={"path": path, "mode": "777"})),
         ("move-src", dict(method="POST", url=f"/sandboxes/{sid}/files/move", json={"old_path": path, "new_path": "/workspace/mv-dst"})),
         ("move-dst", dict(method="POST", url=f"/sandboxes/{sid}/files/move", json={"old_path": "/etc/hostname", "new_path": path})),
@@ -135,7 +134,7 @@ def test_missing_path_is_400(http, sid):
         ("GET", f"/sandboxes/{sid}/files", {"params": {"path": ""}}),
         ("POST", f"/sandboxes/{sid}/files", {"json": {"content": "x"}}),
         ("POST", f"/sandboxes/{sid}/files", {"json": {"path": "", "content": "x"}}),
-        ("PUT", f"/sandboxes/{sid}/files/raw", {"content": b"x"}),
+        ("PUT", f"/sandboxes/{sid}/files/raw", {"content": b"x", "headers": CLOSE}),
         ("POST", f"/sandboxes/{sid}/files/chmod", {"json": {"mode": "644"}}),
         ("POST", f"/sandboxes/{sid}/files/move", {"json": {"old_path": "/etc/hostname"}}),
         ("POST", f"/sandboxes/{sid}/files/move", {"json": {"new_path": "/workspace/x"}}),
@@ -196,7 +195,7 @@ def test_symlink_to_host_file_is_not_followed_to_the_host(http, sid, host_secret
     # writing through the link must not touch the host file
     r = http.post(f"/sandboxes/{sid}/files", json={"path": link, "content": "pwned"})
     assert r.status_code != 500, r.text
-    r = http.put(f"/sandboxes/{sid}/files/raw", params={"path": link}, content=b"pwned")
+    r = http.put(f"/sandboxes/{sid}/files/raw", params={"path": link}, content=b"pwned", headers=CLOSE)
     assert r.status_code != 500, r.text
     # chmod through the link must not touch the host file's mode
     r = http.post(f"/sandboxes/{sid}/files/chmod", json={"path": link, "mode": "777"})
@@ -337,6 +336,25 @@ def test_exec_validation_400(http, sid, body):
     assert_error(http.post(f"/sandboxes/{sid}/exec", json=body), 400, "invalid_request")
 
 
+def test_unknown_fields_are_ignored(http, sid):
+    r = http.post(f"/sandboxes/{sid}/exec", json={"command": "echo hi", "no_such_field": {"a": 1}})
+    assert r.status_code == 200 and r.json()["stdout"] == "hi\n", r.text
+    r = http.post(
+        f"/sandboxes/{sid}/files",
+        json={"path": "/workspace/unk.txt", "content": "u", "frobnicate": True},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_query_plus_decodes_to_space(http, sid):
+    r = http.post(f"/sandboxes/{sid}/files", json={"path": "/workspace/a b.txt", "content": "spaced"})
+    assert r.status_code == 200, r.text
+    r = http.get(f"/sandboxes/{sid}/files?path=/workspace/a+b.txt")
+    assert r.status_code == 200 and r.content == b"spaced", r.text
+    r = http.get(f"/sandboxes/{sid}/files?path=/workspace/a%20b.txt")
+    assert r.status_code == 200 and r.content == b"spaced", r.text
+
+
 def test_exec_timeout_over_max_is_429(http, sid):
     assert_error(
         http.post(f"/sandboxes/{sid}/exec", json={"command": "echo", "timeout": "2h"}),
@@ -390,7 +408,7 @@ def test_chmod_mode_validation(http, sid):
     p = f"/workspace/cm-{uuid.uuid4().hex[:8]}"
     r = http.post(f"/sandboxes/{sid}/files", json={"path": p, "content": "x", "mode": "0640"})
     assert r.status_code == 200, r.text
-    for mode in ("abc", "999", "8", "", "-1", "0o755", "1777777", 755):
+    for mode in ("abc", "999", "8", "", "-1", "1777777", 755):
         assert_error(
             http.post(f"/sandboxes/{sid}/files/chmod", json={"path": p, "mode": mode}),
             400,
@@ -406,6 +424,7 @@ def test_raw_put_bad_mode(http, sid):
         f"/sandboxes/{sid}/files/raw",
         params={"path": "/workspace/rawmode", "mode": "zzz"},
         content=b"x",
+        headers=CLOSE,
     )
     assert_error(r, 400, "invalid_request")
 
@@ -432,18 +451,26 @@ def test_unknown_sandbox_is_404_not_found(http, bad_id):
         ("POST", f"/sandboxes/{bad_id}/exec", {"json": {"command": "echo", "stream": True}}),
         ("GET", f"/sandboxes/{bad_id}/files", {"params": {"path": "/etc/hostname"}}),
         ("POST", f"/sandboxes/{bad_id}/files", {"json": {"path": "/workspace/x", "content": "x"}}),
-        ("PUT", f"/sandboxes/{bad_id}/files/raw", {"params": {"path": "/workspace/x"}, "content": b"x"}),
+        ("PUT", f"/sandboxes/{bad_id}/files/raw", {"params": {"path": "/workspace/x"}, "content": b"x", "headers": CLOSE}),
         ("GET", f"/sandboxes/{bad_id}/files/list", {"params": {"path": "/"}}),
         ("GET", f"/sandboxes/{bad_id}/files/stat", {"params": {"path": "/"}}),
         ("GET", f"/sandboxes/{bad_id}/files/glob", {"params": {"pattern": "/*"}}),
         ("POST", f"/sandboxes/{bad_id}/extend", {"json": {"ttl": "5m"}}),
         ("GET", f"/sandboxes/{bad_id}/logs", {}),
         ("GET", f"/sandboxes/{bad_id}/stats", {}),
-        ("DELETE", f"/sandboxes/{bad_id}", {}),  # never existed: 404 allowed
     ]
     failures = []
     for method, url, kw in calls:
         r = http.request(method, url, **kw)
+        try:
+            assert_error(r, 404, "not_found")
+        except AssertionError as e:
+            failures.append(str(e))
+    # destroying an id that never existed: 404, or 200 (idempotent) — API.md §3
+    r = http.delete(f"/sandboxes/{bad_id}")
+    if r.status_code == 200:
+        assert r.json() == {"status": "destroyed"}, r.text
+    else:
         try:
             assert_error(r, 404, "not_found")
         except AssertionError as e:
@@ -526,7 +553,7 @@ def test_empty_create_body_uses_default_image(server, http):
     tracker = SandboxTracker()
     try:
         for kw in ({"content": b""}, {"content": b"", "headers": {"Content-Type": "application/json"}},
-                   {"json": {}}):
+                   {"json": {}}, {"json": {"unknown_field": [1, 2], "another": {"x": None}}}):
             r = http.post("/sandboxes", **kw)
             if r.status_code in (200, 201):
                 tracker.add(server, r.json()["id"])
@@ -552,12 +579,12 @@ def test_oversized_json_body_is_413(make_server, sandboxes):
     sid = sb["id"]
     big = "A" * (2 * 1024 * 1024)
     with recording_client(srv) as c:
-        r = c.post(f"/sandboxes/{sid}/files", json={"path": "/workspace/big.txt", "content": big})
+        r = c.post(f"/sandboxes/{sid}/files", json={"path": "/workspace/big.txt", "content": big}, headers=CLOSE)
         assert_error(r, 413, "payload_too_large")
         assert_error(c.get(f"/sandboxes/{sid}/files", params={"path": "/workspace/big.txt"}), 404, "file_not_found")
-        r = c.post(f"/sandboxes/{sid}/exec", json={"command": "echo " + big})
+        r = c.post(f"/sandboxes/{sid}/exec", json={"command": "echo " + big}, headers=CLOSE)
         assert_error(r, 413, "payload_too_large")
-        r = c.post("/sandboxes", json={"image": IMAGE, "metadata": {"k": big}})
+        r = c.post("/sandboxes", json={"image": IMAGE, "metadata": {"k": big}}, headers=CLOSE)
         if r.status_code == 201:
             sandboxes.add(srv, r.json()["id"])
         assert_error(r, 413, "payload_too_large")
@@ -569,6 +596,71 @@ def test_oversized_json_body_is_413(make_server, sandboxes):
         r = c.put(f"/sandboxes/{sid}/files/raw", params={"path": "/workspace/raw.bin"}, content=data)
         assert r.status_code == 200, r.text
         assert c.get(f"/sandboxes/{sid}/files", params={"path": "/workspace/raw.bin"}).content == data
+
+
+def _split_request(port: int, head: bytes, body: bytes, delay: float = 0.1):
+    """Send headers, wait, send the body (as a slow client would); return
+    (status line, {header: value}, closed_by_server)."""
+    so = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        so.sendall(head)
+        time.sleep(delay)
+        try:
+            so.sendall(body)
+        except OSError:
+            pass  # the server may already have answered and closed
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = so.recv(65536)
+            assert chunk, f"connection closed without a response (got {data!r})"
+            data += chunk
+        head_part, _, rest = data.partition(b"\r\n\r\n")
+        lines = head_part.decode("latin-1").split("\r\n")
+        headers = {}
+        for ln in lines[1:]:
+            k, _, v = ln.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        # read the rest of the response body
+        need = int(headers.get("content-length", "0")) - len(rest)
+        while need > 0:
+            chunk = so.recv(65536)
+            if not chunk:
+                break
+            need -= len(chunk)
+        time.sleep(0.3)
+        so.settimeout(0.3)
+        try:
+            closed = so.recv(65536) == b""
+        except socket.timeout:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+        return lines[0], headers, closed
+    finally:
+        so.close()
+
+
+def test_rejected_raw_upload_keeps_connection_usable(server, sid):
+    """A keep-alive client (httpx, the official client) reuses connections.
+    If the server answers a request before reading its body and then drops
+    the connection, it must say `Connection: close`; otherwise the client's
+    next request on that connection fails with "Server disconnected"."""
+    cases = [
+        ("PUT", f"/api/v1/sandboxes/{sid}/files/raw?path=relative/x", b"x"),
+        ("PUT", "/api/v1/sandboxes/sb_aaaaaaaaaaaaaaaa/files/raw?path=/workspace/x", b"x"),
+        ("PUT", f"/api/v1/sandboxes/{sid}/files/raw?path=/workspace/x&mode=zzz", b"xyz"),
+    ]
+    problems = []
+    for method, url, body in cases:
+        head = (
+            f"{method} {url} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        status, headers, closed = _split_request(server.port, head, body)
+        assert status.split()[1] in ("400", "404"), status
+        if closed and headers.get("connection", "").lower() != "close":
+            problems.append(f"{method} {url} -> {status}: connection dropped without 'Connection: close'")
+    assert not problems, "\n".join(problems)
 
 
 # --------------------------------------------------------------------------
@@ -626,3 +718,10 @@ def test_api_key_auth(make_server, sandboxes):
         assert sid in [s.id for s in c.list()]
         c.get(sid).destroy()
     assert_error(req("GET", f"/sandboxes/{sid}", {"X-API-Key": "k_test"}), 404, "not_found")
+
+
+def test_no_500_in_recorded_answers():
+    # runs last in file order; the autouse fixture re-checks at module end
+    bad = [x for x in _RESPONSES if x[2] >= 500 and x[2] != 502]
+    assert not bad, f"5xx answers: {bad}"
+    assert len(_RESPONSES) > 50, "the module should have exercised many answers"

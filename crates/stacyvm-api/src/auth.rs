@@ -39,16 +39,23 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     if OPEN_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
+    // A refused request's body is never read; keep-alive clients must not
+    // reuse such a connection.
+    let has_body = req
+        .headers()
+        .contains_key(axum::http::header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let refuse = |msg: &str| {
+        let e = ApiError::new(ErrorCode::Unauthorized, msg);
+        if has_body { e.closing() } else { e }.into_response()
+    };
     match presented_key(&req) {
         Some(k) if constant_time_eq(k.as_bytes(), expected.as_bytes()) => next.run(req).await,
-        Some(_) => {
-            ApiError::new(ErrorCode::Unauthorized, "the API key is not valid").into_response()
-        }
-        None => ApiError::new(
-            ErrorCode::Unauthorized,
-            "an API key is required (X-API-Key or Authorization: Bearer)",
-        )
-        .into_response(),
+        Some(_) => refuse("the API key is not valid"),
+        None => refuse("an API key is required (X-API-Key or Authorization: Bearer)"),
     }
 }
 

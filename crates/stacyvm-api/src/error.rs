@@ -10,6 +10,10 @@ use stacyvm_core::{Error, ErrorCode};
 pub struct ApiError {
     pub error: Error,
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Answer with `Connection: close`: set when the request body was not
+    /// read, so that keep-alive clients do not reuse a connection the server
+    /// is about to drop.
+    pub close: bool,
 }
 
 impl ApiError {
@@ -17,16 +21,26 @@ impl ApiError {
         ApiError {
             error: Error::new(code, message),
             extra: None,
+            close: false,
         }
     }
     pub fn invalid(message: impl Into<String>) -> ApiError {
         ApiError::new(ErrorCode::InvalidRequest, message)
     }
+    /// The same error, answered with `Connection: close`.
+    pub fn closing(mut self) -> ApiError {
+        self.close = true;
+        self
+    }
 }
 
 impl From<Error> for ApiError {
     fn from(error: Error) -> ApiError {
-        ApiError { error, extra: None }
+        ApiError {
+            error,
+            extra: None,
+            close: false,
+        }
     }
 }
 
@@ -43,6 +57,10 @@ impl IntoResponse for ApiError {
             }
         }
         let mut resp = (status, axum::Json(serde_json::Value::Object(body))).into_response();
+        if self.close {
+            resp.headers_mut()
+                .insert("connection", HeaderValue::from_static("close"));
+        }
         if self.error.code == ErrorCode::RateLimited {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));

@@ -21,6 +21,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 ErrorCode::PayloadTooLarge,
                 format!("request body is larger than the limit of {limit} bytes"),
             )
+            .closing()
         };
         if let Some(len) = req
             .headers()

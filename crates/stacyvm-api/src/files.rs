@@ -82,10 +82,14 @@ pub async fn write_json(
 pub async fn write_raw(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    uri: axum::http::Uri,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    let path = required(q.path)?;
+    // A refusal may come before the body was read; such a connection cannot
+    // be reused, so every error answer here says `Connection: close`.
+    let q: PathQuery = serde_urlencoded::from_str(uri.query().unwrap_or(""))
+        .map_err(|e| ApiError::invalid(format!("invalid query string: {e}")).closing())?;
+    let path = required(q.path).map_err(ApiError::closing)?;
     let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
     let r = s
         .engine
@@ -95,7 +99,8 @@ pub async fn write_raw(
             q.mode.as_deref().filter(|m| !m.is_empty()),
             body,
         )
-        .await?;
+        .await
+        .map_err(|e| ApiError::from(e).closing())?;
     Ok(Json(json!({"status": "written", "size": r.size})))
 }
 
