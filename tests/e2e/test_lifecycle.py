@@ -229,3 +229,17 @@ def test_capacity_is_atomic_under_parallel_creates(make_server, sandboxes):
             assert_error(r, 429, "quota_exceeded")
     with srv.client() as c:
         assert len(c.get("/sandboxes").json()) == 2
+
+
+def test_extend_is_capped_by_max_ttl(make_server, sandboxes):
+    """API.md §3: extend sets expires_at = now + ttl, capped by the max TTL."""
+    srv = make_server(env={"STACYVM_MAX_TTL": "1h"})
+    sid = sandboxes.create(srv, {"image": IMAGE, "ttl": "5m"})["id"]
+    with srv.client() as c:
+        before = time.time()
+        r = c.post(f"/sandboxes/{sid}/extend", json={"ttl": "48h"})
+        assert r.status_code == 200, r.text
+        left = parse_time(r.json()["expires_at"]).timestamp() - before
+        assert 3590 <= left <= 3601, left
+        # a ttl over the maximum on create is still refused
+        assert_error(c.post("/sandboxes", json={"image": IMAGE, "ttl": "2h"}), 429, "quota_exceeded")
