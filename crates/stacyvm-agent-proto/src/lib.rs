@@ -174,6 +174,21 @@ pub mod codes {
     pub const INTERNAL: &str = "internal";
 }
 
+/// Percent-encode a query-string value: everything but unreserved
+/// characters and `/` is escaped (so `+` travels as `%2B`, never as a space).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
 /// Parse an octal permission string (`"755"`, `"0644"`) into mode bits.
 pub fn parse_mode(s: &str) -> Option<u32> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
@@ -206,6 +221,12 @@ mod tests {
         assert_eq!(parse_mode("77777"), None);
         assert_eq!(format_mode(0o100644), "644");
         assert_eq!(format_mode(0o755), "755");
+    }
+
+    #[test]
+    fn percent_encoding() {
+        assert_eq!(percent_encode("/a b/c+d&e=%"), "/a%20b/c%2Bd%26e%3D%25");
+        assert_eq!(percent_encode("/é"), "/%C3%A9");
     }
 
     #[test]

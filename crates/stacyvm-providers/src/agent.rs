@@ -43,19 +43,6 @@ pub struct AgentClient {
     socket: PathBuf,
 }
 
-fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 /// Build `path?k=v&…` with every value percent-encoded.
 pub fn with_query(path: &str, params: &[(&str, &str)]) -> String {
     let mut s = path.to_string();
@@ -63,7 +50,7 @@ pub fn with_query(path: &str, params: &[(&str, &str)]) -> String {
         s.push(if i == 0 { '?' } else { '&' });
         s.push_str(k);
         s.push('=');
-        s.push_str(&url_encode(v));
+        s.push_str(&stacyvm_agent_proto::percent_encode(v));
     }
     s
 }

@@ -9,6 +9,8 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+pub use stacyvm_agent_proto::percent_encode as enc;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ReqBody = BoxBody<Bytes, BoxError>;
 
@@ -48,20 +50,6 @@ pub fn empty() -> ReqBody {
 
 pub fn full(b: impl Into<Bytes>) -> ReqBody {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
-}
-
-/// Percent-encode a query value.
-pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 impl Client {

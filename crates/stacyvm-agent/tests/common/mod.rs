@@ -194,19 +194,8 @@ impl Drop for Agent {
     }
 }
 
-/// Percent-encode a query value.
-pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
+#[allow(unused_imports)] // not every test binary uses it
+pub use stacyvm_agent_proto::percent_encode as enc;
 
 /// True while `/proc/<pid>` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
