@@ -9,6 +9,7 @@
 #   STACYVM_TEST_IMAGE      image name (default stacyvm-test/python:bookworm)
 #   STACYVM_CACHE_DIR       cache dir (default <repo>/.ci/cache)
 #   STACYVM_DEBIAN_MIRROR   Debian mirror (default: apt's, else deb.debian.org)
+#   STACYVM_TEST_IMAGE_DOCKER=0  only build the rootfs tarball (no Docker needed)
 #
 # Idempotent: the rootfs tarball is rebuilt only when the recipe below changes,
 # the image is re-imported only when the tarball changed.
@@ -134,6 +135,11 @@ else
 fi
 TAR_SHA="$(stamp_get tar_sha256)"
 [ -n "$TAR_SHA" ] || die "stamp $STAMP has no tar_sha256"
+
+if [ "${STACYVM_TEST_IMAGE_DOCKER:-1}" = 0 ]; then
+  log "rootfs tarball ready: $TARBALL (docker import skipped); took $(elapsed_since "$start_ms")"
+  exit 0
+fi
 
 # --- 2. docker image
 ensure_dockerd

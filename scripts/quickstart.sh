@@ -3,15 +3,23 @@
 # running a sandbox. The server keeps running in the foreground; Ctrl-C stops
 # it (sandboxes survive a server restart and are re-attached).
 #
-#   STACYVM_QUICKSTART_IMAGE  image for the demo sandbox
-#                             (default: the locally built stacyvm-test/python:bookworm;
-#                              any registry image such as python:3.12 works when
-#                              the Docker daemon can reach its registry)
+# No Docker is needed: the default provider is `native` (Linux namespaces,
+# cgroups, seccomp, overlayfs). The demo image is a Debian rootfs with
+# python3 built locally with debootstrap and imported into StacyVM's image
+# store; with registry access, images such as python:3.12 are pulled on
+# first use instead.
+#
+#   STACYVM_QUICKSTART_IMAGE  image for the demo sandbox (default stacyvm-test/python:bookworm)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
+require_root "quickstart.sh"
+ensure_cache_dir
+ensure_apt_packages debootstrap debian-archive-keyring ca-certificates curl
 
-"$root/scripts/setup-host.sh"
+STACYVM_TEST_IMAGE_DOCKER=0 "$root/scripts/build-test-image.sh"
 "$root/scripts/build.sh"
 
 bin="$root/target/release/stacyvm"
@@ -19,6 +27,11 @@ image="${STACYVM_QUICKSTART_IMAGE:-stacyvm-test/python:bookworm}"
 port="${STACYVM_LISTEN:-0.0.0.0:7423}"
 port="${port##*:}"
 export STACYVM_URL="http://127.0.0.1:$port"
+
+if [ "$image" = "stacyvm-test/python:bookworm" ]; then
+  echo "==> stacyvm image import .ci/cache/images/python-bookworm.tar $image"
+  "$bin" image import "$STACYVM_CACHE_DIR/images/python-bookworm.tar" "$image"
+fi
 
 echo "==> starting: stacyvm serve (listening on ${STACYVM_LISTEN:-0.0.0.0:7423})"
 "$bin" serve &

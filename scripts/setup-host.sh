@@ -15,7 +15,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-APT_PACKAGES=(docker.io debootstrap debian-archive-keyring ca-certificates wget curl)
+APT_PACKAGES=(docker.io debootstrap debian-archive-keyring ca-certificates wget curl docker-registry skopeo bubblewrap)
 PY_SDK_VERSION=0.1.1
 PY_PACKAGES=("stacyvm==$PY_SDK_VERSION" pytest httpx)
 

@@ -1,20 +1,37 @@
 """Shared fixtures of the StacyVM end-to-end suite.
 
 Every server the suite starts is a real `stacyvm serve` process on a free
-loopback port with its own short data dir under /tmp.  Sandboxes are real
-Docker containers of the local test image (never pulled from a registry).
+loopback port with its own short data dir under /tmp.  Sandboxes are real:
+Docker containers of the local test image (provider `docker`, never pulled
+from a registry) or namespaces + overlayfs made by the `native` provider from
+the same image, imported once per session into a shared image store from the
+test image's rootfs tarball (never pulled either).
+
+The suite is provider-aware: `PROVIDERS` lists the providers under test and
+the `provider` fixture is parametrized over them (test ids `[docker]`,
+`[native]`).  Every server is started with `STACYVM_DEFAULT_PROVIDER=<provider>`,
+so a test that spawns without naming a provider exercises that provider.
+A test or module narrows the providers explicitly with
+
+    @pytest.mark.parametrize("provider", ["native"], indirect=True)
+
+(see `only_providers`); nothing is ever skipped.
 
 Fixtures:
-  server          session-scoped server (default config)
+  provider        session-scoped, parametrized: "docker" / "native"
+  server          session-scoped server of that provider (default config)
   make_server     factory for fresh, function-scoped servers with extra env
+                  (default provider: the `provider` fixture)
   sandboxes       tracker: creates sandboxes, destroys them at teardown and
-                  asserts that no container was leaked
+                  asserts that their provider left nothing behind
   api             httpx client for the session server's /api/v1
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
+import json
 import os
 import re
 import shutil
@@ -32,16 +49,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+PROVIDERS = ["docker", "native"]
+DEFAULT_PROVIDER = "native"  # the server's own default
+
 IMAGE = os.environ.get("STACYVM_TEST_IMAGE", "stacyvm-test/python:bookworm")
 # An image reference that can never be pulled: a closed port on loopback.
 MISSING_IMAGE = "127.0.0.1:9/stacyvm-missing/none:latest"
 
+CACHE_DIR = Path(os.environ.get("STACYVM_CACHE_DIR") or REPO / ".ci" / "cache")
+# The test image's root filesystem (scripts/build-test-image.sh builds it).
+IMAGE_TAR = os.environ.get("STACYVM_TEST_IMAGE_TAR") or str(
+    CACHE_DIR / "images" / "python-bookworm.tar"
+)
+# The native provider's image store shared by every server of the suite (and
+# reused across runs: the import is skipped when the tarball did not change).
+NATIVE_IMAGE_DIR = os.environ.get("STACYVM_E2E_IMAGE_DIR") or str(
+    CACHE_DIR / "native-images"
+)
+
 
 def _default_bin() -> str:
-    release = REPO / "target" / "release" / "stacyvm"
-    if release.exists():
-        return str(release)
-    return str(REPO / "target" / "debug" / "stacyvm")
+    """The newer of target/release and target/debug (a stale release build
+    must not be tested by accident)."""
+    candidates = [
+        REPO / "target" / "release" / "stacyvm",
+        REPO / "target" / "debug" / "stacyvm",
+    ]
+    existing = [p for p in candidates if p.exists()]
+    if not existing:
+        return str(candidates[1])
+    return str(max(existing, key=lambda p: p.stat().st_mtime))
 
 
 BIN = os.environ.get("STACYVM_BIN") or _default_bin()
@@ -53,60 +90,146 @@ SANDBOX_ID_RE = re.compile(r"^sb_[a-z0-9]{12,}$")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 READY_TIMEOUT = 30.0
+# How long a destroyed sandbox's runtime may take to disappear completely
+# (the native provider deletes the overlay's upper layer in the background).
+LEAK_TIMEOUT = 10.0
 
 # Servers currently running, so a failing test can show their log tails.
 _LIVE_SERVERS: list["ServerProcess"] = []
 _LOG_SEQ = itertools.count(1)
 
 
+def only_providers(*names: str):
+    """Run a test (or, as `pytestmark`, a module) on these providers only."""
+    for n in names:
+        assert n in PROVIDERS, n
+    return pytest.mark.parametrize("provider", list(names), indirect=True)
+
+
 # --------------------------------------------------------------------------
 # prerequisites (fail loudly, never skip)
 # --------------------------------------------------------------------------
 
-_prereq_error: str | None = None
-_prereq_checked = False
+_prereq_errors: dict[str, str | None] = {}
 
 
-def check_prerequisites() -> None:
-    global _prereq_error, _prereq_checked
-    if not _prereq_checked:
-        _prereq_checked = True
-        problems = []
-        if not os.access(BIN, os.X_OK):
-            problems.append(
-                f"stacyvm binary not found/executable at {BIN} "
-                "(build it: cargo build -p stacyvm, or set STACYVM_BIN)"
-            )
-        if not os.path.isfile(AGENT):
-            problems.append(
-                f"stacyvm-agent not found at {AGENT} (set STACYVM_AGENT_PATH)"
-            )
-        if shutil.which("docker") is None:
-            problems.append("docker CLI not found on PATH")
-        else:
-            r = subprocess.run(
-                ["docker", "info", "--format", "{{.ServerVersion}}"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            if r.returncode != 0:
-                problems.append(f"docker daemon not reachable: {r.stderr.strip()}")
+def _check_common() -> list[str]:
+    problems = []
+    if not os.access(BIN, os.X_OK):
+        problems.append(
+            f"stacyvm binary not found/executable at {BIN} "
+            "(build it: cargo build -p stacyvm, or set STACYVM_BIN)"
+        )
+    if not os.path.isfile(AGENT):
+        problems.append(f"stacyvm-agent not found at {AGENT} (set STACYVM_AGENT_PATH)")
+    return problems
+
+
+def _check_docker() -> list[str]:
+    if shutil.which("docker") is None:
+        return ["docker CLI not found on PATH"]
+    r = subprocess.run(
+        ["docker", "info", "--format", "{{.ServerVersion}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if r.returncode != 0:
+        return [f"docker daemon not reachable: {r.stderr.strip()}"]
+    r = subprocess.run(
+        ["docker", "image", "inspect", IMAGE], capture_output=True, text=True, timeout=30
+    )
+    if r.returncode != 0:
+        return [
+            f"test image {IMAGE} is not present in dockerd "
+            "(build it with scripts/build-test-image.sh; the suite never pulls)"
+        ]
+    return []
+
+
+def _image_listed(store: str) -> bool:
+    r = subprocess.run(
+        [BIN, "image", "ls", "--json"],
+        env=_tool_env(STACYVM_IMAGE_DIR=store),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if r.returncode != 0:
+        return False
+    try:
+        refs = {i.get("reference") for i in json.loads(r.stdout or "[]")}
+    except (ValueError, AttributeError):
+        return False
+    return bool(refs & {IMAGE, f"docker.io/{IMAGE}", f"docker.io/library/{IMAGE}"})
+
+
+def _prepare_native_image() -> list[str]:
+    """Import the test image's rootfs tarball into the shared store (once;
+    skipped when the same tarball was imported by the same binary before)."""
+    if not os.path.isfile(IMAGE_TAR):
+        return [
+            f"test image rootfs tarball not found at {IMAGE_TAR} (build it with "
+            "STACYVM_TEST_IMAGE_DOCKER=0 scripts/build-test-image.sh, or set "
+            "STACYVM_TEST_IMAGE_TAR)"
+        ]
+    store = NATIVE_IMAGE_DIR
+    os.makedirs(os.path.dirname(store) or ".", exist_ok=True)
+    st = os.stat(IMAGE_TAR)
+    ident = {
+        "tar": os.path.realpath(IMAGE_TAR),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "name": IMAGE,
+    }
+    marker = Path(store) / ".e2e-import.json"
+    with open(store.rstrip("/") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if json.loads(marker.read_text()) == ident and _image_listed(store):
+                return []
+        except (OSError, ValueError):
+            pass
+        r = subprocess.run(
+            [BIN, "image", "import", IMAGE_TAR, IMAGE],
+            env=_tool_env(STACYVM_IMAGE_DIR=store),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if r.returncode != 0:
+            return [
+                f"`stacyvm image import {IMAGE_TAR} {IMAGE}` into {store} failed "
+                f"(rc {r.returncode}): {r.stderr.strip()[-800:]}"
+            ]
+        if not _image_listed(store):
+            return [f"{IMAGE} not listed by `stacyvm image ls` after importing it into {store}"]
+        marker.write_text(json.dumps(ident))
+    return []
+
+
+def check_prerequisites(provider: str | None = None) -> None:
+    """Fail (never skip) when what `provider`'s tests need is missing.  Every
+    server gets the native image store, so it is prepared in any case."""
+    keys = ["common", "native"] + ([provider] if provider == "docker" else [])
+    for key in keys:
+        if key not in _prereq_errors:
+            if key == "common":
+                problems = _check_common()
+            elif key == "native":
+                problems = _prepare_native_image() if not _prereq_errors.get("common") else []
             else:
-                r = subprocess.run(
-                    ["docker", "image", "inspect", IMAGE],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                )
-                if r.returncode != 0:
-                    problems.append(
-                        f"test image {IMAGE} is not present locally "
-                        "(build it with scripts/build-test-image.sh; the suite never pulls)"
-                    )
-        _prereq_error = "; ".join(problems) or None
-    if _prereq_error:
-        pytest.fail("E2E prerequisites missing: " + _prereq_error, pytrace=False)
+                problems = _check_docker()
+            _prereq_errors[key] = "; ".join(problems) or None
+    errors = [e for k in keys if (e := _prereq_errors.get(k))]
+    if errors:
+        pytest.fail("E2E prerequisites missing: " + "; ".join(errors), pytrace=False)
+
+
+def _tool_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
+    env.update(extra)
+    return env
 
 
 # --------------------------------------------------------------------------
@@ -138,25 +261,341 @@ def instance_containers(instance_id: str) -> list[str]:
 
 
 def container_labels(container: str) -> dict[str, str]:
-    import json
-
     out = docker("inspect", "--format", "{{json .Config.Labels}}", container)
     return json.loads(out) or {}
-
-
-def wait_no_containers(sandbox_id: str, timeout: float = 3.0) -> list[str]:
-    """Return the containers of a sandbox still present after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = sandbox_containers(sandbox_id)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
 
 
 def force_remove(containers: list[str]) -> None:
     if containers:
         docker("rm", "-f", *containers, check=False)
+
+
+# --------------------------------------------------------------------------
+# native provider helpers (host-side view of its sandboxes)
+# --------------------------------------------------------------------------
+
+# state.json of every native sandbox seen alive, by (data dir, sandbox id):
+# its cgroups may be named after a pre-started slot (`pool-<token>`) rather
+# than the sandbox id, and its PID 1 is only known while the file exists.
+_NATIVE_SNAPSHOTS: dict[tuple[str, str], dict] = {}
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup_mount_points() -> list[str]:
+    """Mount points of every cgroup (v1) and cgroup2 filesystem."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, sep, right = line.partition(" - ")
+            if not sep:
+                continue
+            fstype = right.split(" ", 1)[0]
+            if fstype in ("cgroup", "cgroup2"):
+                mp = _unescape_mountinfo(left.split(" ")[4])
+                if mp not in out:
+                    out.append(mp)
+    return out
+
+
+def native_state_dir(server: "ServerProcess", sandbox_id: str) -> Path:
+    return Path(server.data_dir) / "native" / sandbox_id
+
+
+def native_state(server: "ServerProcess", sandbox_id: str) -> dict | None:
+    """The sandbox's state.json (and remember it for the leak checks)."""
+    try:
+        st = json.loads((native_state_dir(server, sandbox_id) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(st, dict):
+        _NATIVE_SNAPSHOTS[(server.data_dir, sandbox_id)] = st
+        return st
+    return None
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    state = fields[0]
+    if state in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def native_pid1(server: "ServerProcess", sandbox_id: str) -> int:
+    """Host pid of a live native sandbox's PID 1 (its agent)."""
+    st = native_state(server, sandbox_id)
+    assert st, f"{sandbox_id}: no readable {native_state_dir(server, sandbox_id)}/state.json"
+    pid, start = st.get("pid"), st.get("start_time")
+    assert isinstance(pid, int) and pid > 1, f"{sandbox_id}: state.json has no pid: {st}"
+    assert proc_start_time(pid) == start, (
+        f"{sandbox_id}: PID 1 {pid} from state.json is not alive (start_time {start})"
+    )
+    return pid
+
+
+def _stacyvm_cgroup_dirs(names: set[str]) -> list[str]:
+    """Directories named one of `names` anywhere below `<mount>/stacyvm` of
+    every cgroup hierarchy."""
+    found = []
+    for mp in cgroup_mount_points():
+        top = os.path.join(mp, "stacyvm")
+        if not os.path.isdir(top):
+            continue
+        for dirpath, dirnames, _ in os.walk(top):
+            for d in dirnames:
+                if d in names:
+                    found.append(os.path.join(dirpath, d))
+    return found
+
+
+def _procs_in_cgroups(names: set[str]) -> list[str]:
+    """Processes whose /proc/<pid>/cgroup has a path component in `names`."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{pid}/cgroup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            path = line.split(":", 2)[-1]
+            if set(path.split("/")) & names:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:
+                    cmd = "?"
+                out.append(f"pid {pid} ({cmd[:80]}) in cgroup {path}")
+                break
+    return out
+
+
+def native_leftovers(server: "ServerProcess", sandbox_id: str) -> list[str]:
+    problems = []
+    state_root = Path(server.data_dir) / "native"
+    sd = state_root / sandbox_id
+    if sd.exists():
+        problems.append(f"state dir {sd} exists")
+    try:
+        trash = [n for n in os.listdir(state_root) if n.startswith(f".trash-{sandbox_id}-")]
+    except OSError:
+        trash = []
+    if trash:
+        problems.append(f"state dir(s) {trash} not deleted in {state_root}")
+    snap = _NATIVE_SNAPSHOTS.get((server.data_dir, sandbox_id)) or {}
+    names = {sandbox_id}
+    leaf = snap.get("cgroup_leaf")
+    if isinstance(leaf, str) and leaf:
+        names.add(leaf)
+    cgdirs = set(_stacyvm_cgroup_dirs(names))
+    cgdirs |= {str(p) for p in snap.get("cgroups") or [] if os.path.exists(str(p))}
+    if cgdirs:
+        problems.append(f"cgroup dir(s) {sorted(cgdirs)}")
+    procs = _procs_in_cgroups(names)
+    if procs:
+        problems.append(f"process(es) {procs}")
+    pid, start = snap.get("pid"), snap.get("start_time")
+    if isinstance(pid, int) and start is not None and proc_start_time(pid) == start:
+        problems.append(f"PID 1 ({pid}) still alive")
+    with open("/proc/self/mountinfo") as f:
+        mounts = [ln.strip() for ln in f if sandbox_id in ln]
+    if mounts:
+        problems.append(f"mount(s) {mounts}")
+    return problems
+
+
+def native_instance_leaves(instance_id: str) -> dict[str, bool]:
+    """Cgroups below `stacyvm/<instance>/` → whether any process is in them."""
+    leaves: dict[str, bool] = {}
+    for mp in cgroup_mount_points():
+        base = os.path.join(mp, "stacyvm", instance_id)
+        try:
+            names = [n for n in os.listdir(base) if os.path.isdir(os.path.join(base, n))]
+        except OSError:
+            continue
+        for n in names:
+            try:
+                populated = bool(Path(base, n, "cgroup.procs").read_text().split())
+            except OSError:
+                populated = False
+            leaves[n] = leaves.get(n, False) or populated
+    return leaves
+
+
+def native_parked_slots(server: "ServerProcess", instance_id: str) -> set[str]:
+    """Cgroup leaves of the provider's pre-started sandboxes (warm pool)."""
+    prefix = f".pool-{instance_id}-"
+    try:
+        names = os.listdir(Path(server.data_dir) / "native")
+    except OSError:
+        return set()
+    return {"pool-" + n[len(prefix):] for n in names if n.startswith(prefix)}
+
+
+def clean_native_instance(instance_id: str) -> list[str]:
+    """Remove the cgroups an instance of ours left on the host; kill (by pid)
+    processes still in them. Returns what had to be killed."""
+    killed = []
+    deadline = time.monotonic() + 5
+    for mp in cgroup_mount_points():
+        base = os.path.join(mp, "stacyvm", instance_id)
+        if not os.path.isdir(base):
+            continue
+        for dirpath, _, _ in sorted(os.walk(base), key=lambda w: -w[0].count("/")):
+            while True:
+                try:
+                    pids = Path(dirpath, "cgroup.procs").read_text().split()
+                except OSError:
+                    pids = []
+                if not pids or time.monotonic() > deadline:
+                    break
+                for p in pids:
+                    try:
+                        os.kill(int(p), signal.SIGKILL)
+                        killed.append(f"pid {p} in {dirpath}")
+                    except (ProcessLookupError, ValueError):
+                        pass
+                time.sleep(0.05)
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+    return killed
+
+
+# --------------------------------------------------------------------------
+# provider-aware runtime checks
+# --------------------------------------------------------------------------
+
+
+def runtime_leftovers(server: "ServerProcess", sandbox_id: str, provider: str) -> list[str]:
+    """What `provider` still has on the host for a sandbox (should be [] once
+    it is destroyed): containers with its label (docker); its state dir,
+    cgroups, processes and mounts (native); its agent socket dir (both)."""
+    problems = []
+    if provider == "docker":
+        left = sandbox_containers(sandbox_id)
+        if left:
+            problems.append(f"container(s) {left}")
+    elif provider == "native":
+        problems += native_leftovers(server, sandbox_id)
+    else:
+        raise AssertionError(f"unknown provider {provider!r}")
+    run_dir = Path(server.data_dir) / "s" / sandbox_id
+    if run_dir.exists():
+        problems.append(f"agent socket dir {run_dir} exists")
+    return problems
+
+
+def wait_no_leftovers(
+    server: "ServerProcess", sandbox_id: str, provider: str, timeout: float = LEAK_TIMEOUT
+) -> list[str]:
+    """runtime_leftovers after they had `timeout` seconds to disappear."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = runtime_leftovers(server, sandbox_id, provider)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def runtime_alive(server: "ServerProcess", sandbox_id: str, provider: str) -> bool:
+    """Whether the sandbox's runtime exists (container / live PID 1)."""
+    if provider == "docker":
+        return bool(sandbox_containers(sandbox_id))
+    st = native_state(server, sandbox_id)
+    if not st or not isinstance(st.get("pid"), int):
+        return False
+    return proc_start_time(st["pid"]) == st.get("start_time")
+
+
+def runtime_identity(server: "ServerProcess", sandbox_id: str, provider: str) -> tuple:
+    """What identifies the sandbox's runtime object: its container ids
+    (docker), its PID 1 and that process's start time (native).  Equal
+    before and after a server restart iff the sandbox was re-attached."""
+    if provider == "docker":
+        return tuple(sorted(sandbox_containers(sandbox_id)))
+    st = native_state(server, sandbox_id) or {}
+    return (st.get("pid"), st.get("start_time"))
+
+
+def runtime_instance(server: "ServerProcess", sandbox_id: str, provider: str) -> str:
+    """The server instance id the sandbox's runtime is marked with."""
+    if provider == "docker":
+        containers = sandbox_containers(sandbox_id)
+        assert len(containers) == 1, f"{sandbox_id}: containers {containers}"
+        labels = container_labels(containers[0])
+        assert labels.get("org.stacyvm.sandbox") == sandbox_id, labels
+        inst = labels.get("org.stacyvm.instance")
+        assert inst, f"container of {sandbox_id} has no instance label: {labels}"
+        return inst
+    st = native_state(server, sandbox_id)
+    assert st, f"{sandbox_id}: no state.json in {native_state_dir(server, sandbox_id)}"
+    assert st.get("sandbox_id") == sandbox_id, st
+    inst = st.get("instance_id")
+    assert inst, f"state.json of {sandbox_id} has no instance_id: {st}"
+    return inst
+
+
+def instance_runtimes(
+    server: "ServerProcess", instance_id: str, provider: str
+) -> list[tuple[str, str | None]]:
+    """Every runtime object of a server instance, as (description, sandbox id
+    or None when it maps to no sandbox).  The native provider's live parked
+    pre-started sandboxes are not sandboxes and are left out (a slot whose
+    process is gone is reported)."""
+    out: list[tuple[str, str | None]] = []
+    if provider == "docker":
+        for c in instance_containers(instance_id):
+            out.append((f"container {c[:12]}", container_labels(c).get("org.stacyvm.sandbox")))
+        return out
+    root = Path(server.data_dir) / "native"
+    leaf_owner: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        names = []
+    for n in names:
+        if n.startswith("."):
+            # in-flight creates/deletes of this instance; a stale one is a leak
+            if n.startswith((f".new-{instance_id}-", ".trash-")):
+                out.append((f"state dir {root / n}", None))
+            continue
+        st = native_state(server, n)
+        if st and st.get("instance_id") not in (None, instance_id):
+            continue
+        out.append((f"state dir {root / n}", n))
+        if st and st.get("cgroup_leaf"):
+            leaf_owner[st["cgroup_leaf"]] = n
+    parked = native_parked_slots(server, instance_id)
+    for leaf, populated in native_instance_leaves(instance_id).items():
+        if leaf in parked and populated:
+            continue  # a live pre-started sandbox
+        if leaf in parked:
+            out.append((f"stale pre-started slot {leaf} (empty cgroup, state dir left)", None))
+            continue
+        owner = leaf_owner.get(leaf) or (leaf if SANDBOX_ID_RE.match(leaf) else None)
+        out.append((f"cgroup {leaf} ({'populated' if populated else 'empty'})", owner))
+    return out
+
+
+def wait_instance_clean(
+    server: "ServerProcess", instance_id: str, provider: str, timeout: float = LEAK_TIMEOUT
+) -> list[tuple[str, str | None]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = instance_runtimes(server, instance_id, provider)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------
@@ -179,7 +618,10 @@ class ServerProcess:
         data_dir: str | None = None,
         port: int | None = None,
         api_key: str | None = None,
+        provider: str = DEFAULT_PROVIDER,
     ):
+        assert provider in PROVIDERS, provider
+        self.provider = provider
         self.extra_env = dict(env or {})
         if api_key:
             self.extra_env["STACYVM_API_KEY"] = api_key
@@ -203,12 +645,15 @@ class ServerProcess:
         return self.proc.pid if self.proc else None
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
+        env = _tool_env()
         env.update(
             {
                 "STACYVM_LISTEN": f"127.0.0.1:{self.port}",
                 "STACYVM_DATA_DIR": self.data_dir,
                 "STACYVM_AGENT_PATH": AGENT,
+                "STACYVM_DEFAULT_PROVIDER": self.provider,
+                # The native provider's images come from the suite's store.
+                "STACYVM_IMAGE_DIR": NATIVE_IMAGE_DIR,
                 # Never let a default image be pulled from a registry.
                 "STACYVM_DEFAULT_IMAGE": IMAGE,
             }
@@ -336,15 +781,34 @@ class ServerProcess:
         except httpx.HTTPError:
             pass
 
-    def shutdown(self) -> None:
-        """Destroy sandboxes, stop the process, remove anything left behind."""
+    def shutdown(self) -> list[str]:
+        """Destroy sandboxes, stop the process, remove anything left behind.
+        Returns the processes that were still running in the cgroups of a
+        native instance after the server was gone (a leak)."""
         self.destroy_all()
         self.stop()
         inst = self.instance_id()
         if inst:
             self.known_instance_ids.add(inst)
+        problems = []
         for inst in self.known_instance_ids:
-            force_remove(instance_containers(inst))
+            if shutil.which("docker") is not None:
+                try:
+                    force_remove(instance_containers(inst))
+                except AssertionError:
+                    if self.provider == "docker":
+                        raise
+            # Parked pre-started sandboxes end by themselves once their
+            # server is gone: give them a moment before calling it a leak.
+            deadline = time.monotonic() + 3
+            while any(native_instance_leaves(inst).values()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            killed = clean_native_instance(inst)
+            if killed:
+                problems.append(
+                    f"server {self.url} (instance {inst}): processes left in its "
+                    f"cgroups after shutdown, killed: {killed}"
+                )
         if self in _LIVE_SERVERS:
             _LIVE_SERVERS.remove(self)
         if self.owns_data_dir:
@@ -355,9 +819,13 @@ class ServerProcess:
                     os.unlink(path)
                 except OSError:
                     pass
+        return problems
 
     def __repr__(self) -> str:
-        return f"<stacyvm server {self.url} pid={self.pid} data_dir={self.data_dir}>"
+        return (
+            f"<stacyvm server {self.url} provider={self.provider} pid={self.pid} "
+            f"data_dir={self.data_dir}>"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -369,11 +837,14 @@ class SandboxTracker:
     """Creates sandboxes and guarantees their destruction (and no leaks)."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[ServerProcess, str]] = []
+        self.items: list[tuple[ServerProcess, str, str]] = []
 
-    def add(self, server: ServerProcess, sandbox_id: str) -> str:
-        if (server, sandbox_id) not in self.items:
-            self.items.append((server, sandbox_id))
+    def add(self, server: ServerProcess, sandbox_id: str, provider: str | None = None) -> str:
+        provider = provider or server.provider
+        if not any(s is server and i == sandbox_id for s, i, _ in self.items):
+            self.items.append((server, sandbox_id, provider))
+        if provider == "native":
+            native_state(server, sandbox_id)  # remember its cgroups and PID 1
         return sandbox_id
 
     def create(
@@ -389,7 +860,7 @@ class SandboxTracker:
             r = c.post("/sandboxes", json=body)
         if r.status_code in (200, 201):
             try:
-                self.add(server, r.json()["id"])
+                self.add(server, r.json()["id"], r.json().get("provider"))
             except Exception:
                 pass
         assert r.status_code == expect, (
@@ -399,13 +870,14 @@ class SandboxTracker:
         if expect == 201:
             assert SANDBOX_ID_RE.match(data["id"]), data
             assert data["state"] == "running", data
+            assert data["provider"] == body.get("provider", server.provider), data
         return data
 
     def cleanup(self) -> list[str]:
         """Destroy everything; return a list of problems (leaks, errors)."""
         problems = []
         # 1. destroy through every server that is still up
-        for server, sid in self.items:
+        for server, sid, _ in self.items:
             if server.running:
                 try:
                     with server.client(timeout=60) as c:
@@ -416,14 +888,19 @@ class SandboxTracker:
                         )
                 except httpx.HTTPError as e:
                     problems.append(f"DELETE {sid} failed: {e!r}")
-        # 2. no container may be left for any of them
-        for sid in dict.fromkeys(sid for _, sid in self.items):
-            left = wait_no_containers(sid)
+        # 2. its provider may have left nothing behind for any of them
+        seen = set()
+        for server, sid, provider in self.items:
+            if sid in seen:
+                continue
+            seen.add(sid)
+            left = wait_no_leftovers(server, sid, provider)
             if left:
                 problems.append(
-                    f"sandbox {sid}: container(s) {left} still present after destroy"
+                    f"sandbox {sid} ({provider}): left behind after destroy: {'; '.join(left)}"
                 )
-                force_remove(left)
+                if provider == "docker":
+                    force_remove(sandbox_containers(sid))
         self.items.clear()
         return problems
 
@@ -433,23 +910,32 @@ class SandboxTracker:
 # --------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session", params=PROVIDERS)
+def provider(request) -> str:
+    """The provider under test (the servers' default provider)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def server() -> ServerProcess:
-    check_prerequisites()
-    srv = ServerProcess()
+def server(provider) -> ServerProcess:
+    check_prerequisites(provider)
+    srv = ServerProcess(provider=provider)
     try:
         srv.start()
     except BaseException:
         srv.shutdown()
         raise
     yield srv
-    srv.shutdown()
+    problems = srv.shutdown()
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 @pytest.fixture
-def make_server():
-    """Factory: make_server(env={...}, data_dir=..., port=..., start=True)."""
-    check_prerequisites()
+def make_server(provider):
+    """Factory: make_server(env={...}, data_dir=..., port=..., start=True,
+    provider=<the provider fixture>)."""
+    check_prerequisites(provider)
     started: list[ServerProcess] = []
 
     def factory(
@@ -457,16 +943,20 @@ def make_server():
         data_dir: str | None = None,
         port: int | None = None,
         start: bool = True,
+        provider: str = provider,
     ) -> ServerProcess:
-        srv = ServerProcess(env=env, data_dir=data_dir, port=port)
+        srv = ServerProcess(env=env, data_dir=data_dir, port=port, provider=provider)
         started.append(srv)
         if start:
             srv.start()
         return srv
 
     yield factory
+    problems = []
     for srv in reversed(started):
-        srv.shutdown()
+        problems += srv.shutdown()
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 @pytest.fixture
@@ -498,7 +988,7 @@ def pytest_runtest_makereport(item, call):
         for srv in list(_LIVE_SERVERS):
             if srv.log_path:
                 report.sections.append(
-                    (f"stacyvm server log tail ({srv.url}, pid {srv.pid}, {srv.log_path})",
+                    (f"stacyvm server log tail ({srv.provider}, {srv.url}, pid {srv.pid}, {srv.log_path})",
                      srv.log_tail(60))
                 )
 

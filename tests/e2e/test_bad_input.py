@@ -1,5 +1,8 @@
 """Bad input is answered with the exact status and `{code, message}` envelope
-of API.md §1 — never a 500 — and no file call escapes the sandbox."""
+of API.md §1 — never a 500 — and no file call escapes the sandbox.
+
+Runs once per provider (`[docker]`, `[native]`): the servers' default
+provider is the one under test."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from conftest import (
     MISSING_IMAGE,
     SandboxTracker,
     assert_error,
-    instance_containers,
+    instance_runtimes,
     run_in,
 )
 
@@ -517,7 +520,11 @@ def test_destroyed_sandbox_answers_404(server, http):
 def test_missing_image_is_502_fast_and_leaves_nothing(server, http):
     inst = server.instance_id()
     assert inst, "could not read the server instance id from its log"
-    before_containers = set(instance_containers(inst))
+
+    def runtimes():
+        return set(instance_runtimes(server, inst, server.provider))
+
+    before_runtimes = runtimes()
     before_ids = {s["id"] for s in http.get("/sandboxes").json()}
     t0 = time.monotonic()
     r = http.post("/sandboxes", json={"image": MISSING_IMAGE})
@@ -526,7 +533,7 @@ def test_missing_image_is_502_fast_and_leaves_nothing(server, http):
         http.delete(f"/sandboxes/{r.json()['id']}")
     assert_error(r, 502, "provider_error")
     assert elapsed < 15, f"missing image took {elapsed:.1f}s to fail"
-    assert set(instance_containers(inst)) <= before_containers, "failed create left a container"
+    assert runtimes() <= before_runtimes, f"failed create left runtime objects: {runtimes() - before_runtimes}"
     listed = http.get("/sandboxes").json()
     new_running = [s for s in listed if s["id"] not in before_ids and s["state"] == "running"]
     assert not new_running, new_running
@@ -536,7 +543,7 @@ def test_missing_image_is_502_fast_and_leaves_nothing(server, http):
     with stacyvm.Client(server.url) as c:
         with pytest.raises(ProviderError):
             c.spawn(image=MISSING_IMAGE)
-    assert set(instance_containers(inst)) <= before_containers
+    assert runtimes() <= before_runtimes, f"failed create left runtime objects: {runtimes() - before_runtimes}"
     # and leaves no sandbox in the running list
     listed = http.get("/sandboxes").json()
     assert not [s for s in listed if s["id"] not in before_ids and s["state"] == "running"]

@@ -1,4 +1,5 @@
-"""The `stacyvm` binary's client commands against a running server."""
+"""The `stacyvm` binary's client commands against a running server (of the
+default provider, `native`: the CLI is provider-agnostic)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from conftest import (
     IMAGE,
     SANDBOX_ID_RE,
     SandboxTracker,
-    sandbox_containers,
-    wait_no_containers,
+    only_providers,
+    runtime_alive,
+    wait_no_leftovers,
 )
+
+pytestmark = only_providers("native")
 
 
 def cli(server, *args: str, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -62,7 +66,8 @@ def test_spawn_prints_id(server, sid):
     assert body["state"] == "running"
     assert body["image"] == IMAGE
     assert body["metadata"] == {"via": "cli"}
-    assert sandbox_containers(sid)
+    assert body["provider"] == server.provider
+    assert runtime_alive(server, sid, server.provider)
 
 
 def test_exec_shell_string(server, sid):
@@ -147,4 +152,4 @@ def test_rm_then_ls_does_not_show(server, sid):
     p = cli(server, "ls")
     assert p.returncode == 0, show(p)
     assert sid not in p.stdout.decode(), show(p)
-    assert wait_no_containers(sid) == []
+    assert wait_no_leftovers(server, sid, server.provider) == []

@@ -1,5 +1,9 @@
 """A full scenario driven by the official Python client (stacyvm==0.1.1),
-unmodified, plus raw-HTTP checks of the same features (API.md §3-§5, §11)."""
+unmodified, plus raw-HTTP checks of the same features (API.md §3-§5, §11).
+
+Runs once per provider (`[docker]`, `[native]`): the module's sandbox is
+spawned without naming a provider, so it gets the server's default, which the
+`server` fixture sets to the provider under test."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -24,9 +29,12 @@ from conftest import (
     SandboxTracker,
     assert_error,
     parse_time,
+    native_state,
     run_in,
-    sandbox_containers,
-    wait_no_containers,
+    runtime_alive,
+    runtime_instance,
+    runtime_leftovers,
+    wait_no_leftovers,
 )
 
 META = {"suite": "e2e", "case": "client-scenario", "who": "tester"}
@@ -82,12 +90,18 @@ def unique_dir(prefix: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def test_spawn_returns_running_docker_sandbox(sb, http):
+ISOLATION = {"docker": "container", "native": "namespaces"}
+
+
+def test_spawn_returns_running_sandbox_of_the_default_provider(server, sb, http):
     assert SANDBOX_ID_RE.match(sb.id), sb.id
     assert sb.state == "running"
-    assert sb.provider == "docker"
+    assert sb.provider == server.provider
     assert sb.image == IMAGE
     info = http.get(f"/sandboxes/{sb.id}").json()
+    assert info["provider"] == server.provider, info
+    assert info["isolation"] == ISOLATION[server.provider], info
+    assert info["network"] == "none", info
     assert info["metadata"] == META
     created = parse_time(info["created_at"])
     expires = parse_time(info["expires_at"])
@@ -96,6 +110,53 @@ def test_spawn_returns_running_docker_sandbox(sb, http):
     assert isinstance(info["memory_mb"], int) and info["memory_mb"] > 0
     assert isinstance(info["vcpus"], int) and info["vcpus"] > 0
     assert info.get("preview_domain"), info
+    # the runtime really exists and is marked with this server's instance
+    assert runtime_alive(server, sb.id, server.provider), f"no live runtime for {sb.id}"
+    assert runtime_instance(server, sb.id, server.provider) == server.instance_id()
+    if server.provider == "native":
+        st = native_state(server, sb.id)
+        assert st["image"] == IMAGE, st
+
+
+# Python run inside the sandbox: what it can see of the machine.
+ISOLATION_PROBE = r"""
+import json, os, socket, sys
+pids = [p for p in os.listdir('/proc') if p.isdigit()]
+cmds = []
+for p in pids:
+    try:
+        cmds.append(open('/proc/%s/cmdline' % p, 'rb').read().split(b'\0'))
+    except OSError:
+        pass
+print(json.dumps({
+    'pid1': open('/proc/1/cmdline', 'rb').read().split(b'\0')[0].decode(),
+    'npids': len(pids),
+    'serve': any(len(c) > 1 and c[0].endswith(b'stacyvm') and c[1] == b'serve' for c in cmds),
+    'net': sorted(os.listdir('/sys/class/net')),
+    'marker': os.path.exists(sys.argv[1]),
+    'host': socket.gethostname(),
+}))
+"""
+
+
+def test_sandbox_is_isolated_from_the_host(server, sb, http):
+    """PID 1 is the agent, host processes and files are invisible, and the
+    network is `none` (loopback only) — for every provider."""
+    marker = f"/tmp/stacyvm-e2e-host-only-{uuid.uuid4().hex}"
+    with open(marker, "w") as f:
+        f.write("host")
+    try:
+        out = run_in(http, sb.id, "python3", mode="argv", args=["-c", ISOLATION_PROBE, marker])
+        assert out["exit_code"] == 0, out
+        seen = json.loads(out["stdout"])
+    finally:
+        os.unlink(marker)
+    assert seen["pid1"].endswith("stacyvm-agent"), seen
+    assert seen["npids"] < 20, f"sandbox sees {seen['npids']} processes: not in its own PID namespace?"
+    assert seen["serve"] is False, "the host's `stacyvm serve` is visible inside the sandbox"
+    assert seen["net"] == ["lo"], f"network none should leave only loopback: {seen['net']}"
+    assert seen["marker"] is False, "a host /tmp file is visible inside the sandbox"
+    assert seen["host"] != socket.gethostname(), seen
 
 
 def test_exec_prints_42(sb):
@@ -573,21 +634,21 @@ def test_extend_ttl(sb, http):
     assert abs((parse_time(body["expires_at"]) - datetime.now(timezone.utc)).total_seconds() - 900) < 30
 
 
-def test_client_list_contains_sandbox(client, sb):
+def test_client_list_contains_sandbox(server, client, sb):
     items = client.list()
     assert all(isinstance(i, SandboxInfo) for i in items)
     mine = [i for i in items if i.id == sb.id]
     assert len(mine) == 1, [i.id for i in items]
     info = mine[0]
     assert info.state == "running"
-    assert info.provider == "docker"
+    assert info.provider == server.provider
     assert info.image == IMAGE
     assert info.metadata == META
     parse_time(info.created_at)
     parse_time(info.expires_at)
 
 
-def test_system_endpoints_via_client(client, sb):
+def test_system_endpoints_via_client(server, client, sb):
     h = client.health()
     assert h["status"] == "ok"
     assert isinstance(h["version"], str) and h["version"]
@@ -595,11 +656,15 @@ def test_system_endpoints_via_client(client, sb):
 
     provs = client.providers()
     assert isinstance(provs, list)
-    docker_p = [p for p in provs if p["name"] == "docker"]
-    assert len(docker_p) == 1, provs
-    assert docker_p[0]["healthy"] is True
-    assert docker_p[0]["default"] is True
-    assert isinstance(docker_p[0]["capabilities"], list)
+    by_name = {p["name"]: p for p in provs}
+    assert len(by_name) == len(provs), provs
+    assert {"docker", "native"} <= set(by_name), provs
+    for name in ("docker", "native"):
+        p = by_name[name]
+        assert p["healthy"] is True, p
+        assert p["isolation"] == ISOLATION[name], p
+        assert isinstance(p["capabilities"], list) and "exec" in p["capabilities"], p
+    assert [p["name"] for p in provs if p["default"] is True] == [server.provider], provs
 
     pool = client.pool_status()
     assert pool.get("enabled") is False, pool
@@ -611,11 +676,20 @@ def test_system_endpoints_via_client(client, sb):
     assert dec.max_sandboxes >= dec.active_sandboxes
 
 
-def test_destroy_then_get_raises_and_container_is_gone(server, client, sandboxes):
+def test_destroy_then_get_raises_and_runtime_is_gone(server, client, sandboxes):
     sandbox = client.spawn(image=IMAGE, ttl="5m")
     sandboxes.add(server, sandbox.id)
+    assert sandbox.provider == server.provider
     assert sandbox.exec("echo hi").stdout == "hi\n"
-    assert sandbox_containers(sandbox.id), "a running sandbox has a container"
+    assert runtime_alive(server, sandbox.id, server.provider), "a running sandbox has a runtime"
+    # the leak check sees every part of a live sandbox (so its [] below means something)
+    live = " | ".join(runtime_leftovers(server, sandbox.id, server.provider))
+    expected_parts = {
+        "docker": ["container(s)", "agent socket dir"],
+        "native": ["state dir", "cgroup dir(s)", "process(es)", "PID 1", "agent socket dir"],
+    }[server.provider]
+    for part in expected_parts:
+        assert part in live, f"leak check misses the live sandbox's {part!r}: {live}"
 
     sandbox.destroy()
     with pytest.raises(SandboxNotFound):
@@ -628,5 +702,4 @@ def test_destroy_then_get_raises_and_container_is_gone(server, client, sandboxes
     assert sandbox.id not in [i.id for i in client.list()]
     with pytest.raises(SandboxNotFound):
         sandbox.exec("echo hi")
-    assert wait_no_containers(sandbox.id) == []
-
+    assert wait_no_leftovers(server, sandbox.id, server.provider) == []

@@ -1,8 +1,12 @@
 """Sandbox lifecycle: TTL reaper, prune, list filters, logs, metrics, stats,
-capacity (API.md §3, §8, §10)."""
+capacity (API.md §3, §8, §10).
+
+These run on the server's default provider, `native`; the TTL reaper also
+on `docker`."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -12,21 +16,28 @@ import httpx
 
 from conftest import (
     IMAGE,
+    PROVIDERS,
     assert_error,
+    native_state,
+    only_providers,
     parse_time,
     run_in,
-    sandbox_containers,
-    wait_no_containers,
+    runtime_alive,
+    wait_no_leftovers,
 )
 
+NATIVE = only_providers("native")
 
-def test_ttl_reaper_destroys_expired_sandbox(make_server, sandboxes):
+
+@only_providers(*PROVIDERS)
+def test_ttl_reaper_destroys_expired_sandbox(make_server, sandboxes, provider):
     srv = make_server(env={"STACYVM_REAPER_INTERVAL": "500ms"})
     sb = sandboxes.create(srv, {"image": IMAGE, "ttl": "2s"})
     sid = sb["id"]
     created, expires = parse_time(sb["created_at"]), parse_time(sb["expires_at"])
     assert 1.5 <= (expires - created).total_seconds() <= 3, sb
-    assert sandbox_containers(sid), "running sandbox without a container"
+    assert sb["provider"] == provider, sb
+    assert runtime_alive(srv, sid, provider), "running sandbox without a runtime"
     with srv.client() as c:
         # still alive right after creation
         assert run_in(c, sid, "echo up")["stdout"] == "up\n"
@@ -43,7 +54,8 @@ def test_ttl_reaper_destroys_expired_sandbox(make_server, sandboxes):
         assert gone_at is not None, "sandbox still present 5 s after its expires_at"
         assert gone_at <= deadline, f"reaped {gone_at - expires.timestamp():.1f}s after expiry"
         assert_error(r, 404, "not_found")
-        assert wait_no_containers(sid, timeout=1) == [], "reaped sandbox left its container"
+        left = wait_no_leftovers(srv, sid, provider)
+        assert left == [], f"reaped sandbox left its runtime behind: {left}"
         assert sid not in [s["id"] for s in c.get("/sandboxes").json()]
         assert_error(c.post(f"/sandboxes/{sid}/exec", json={"command": "echo"}), 404, "not_found")
         # destroying a TTL-reaped sandbox is still a 200 (idempotent)
@@ -51,6 +63,7 @@ def test_ttl_reaper_destroys_expired_sandbox(make_server, sandboxes):
         assert r.status_code == 200 and r.json() == {"status": "destroyed"}, r.text
 
 
+@NATIVE
 def test_prune_destroys_only_expired(make_server, sandboxes):
     # A reaper that never runs during the test, so prune has work to do.
     srv = make_server(env={"STACYVM_REAPER_INTERVAL": "1h"})
@@ -62,13 +75,14 @@ def test_prune_destroys_only_expired(make_server, sandboxes):
         assert r.status_code == 200, r.text
         assert r.json() == {"pruned": 1}
         assert_error(c.get(f"/sandboxes/{short}"), 404, "not_found")
-        assert wait_no_containers(short) == []
+        assert wait_no_leftovers(srv, short, srv.provider) == []
         assert c.get(f"/sandboxes/{long_}").json()["state"] == "running"
         assert run_in(c, long_, "echo still")["stdout"] == "still\n"
         r = c.delete("/sandboxes")
         assert r.status_code == 200 and r.json() == {"pruned": 0}, r.text
 
 
+@NATIVE
 def test_list_filters_owner_label_state(server, sandboxes):
     tag = uuid.uuid4().hex[:10]
     alice, bob = f"alice-{tag}", f"bob.{tag}@example.com"
@@ -122,6 +136,7 @@ def test_list_filters_owner_label_state(server, sandboxes):
         assert ids({"owner_id": bob}) == []
 
 
+@NATIVE
 def test_logs_lines(server, sandboxes):
     sid = sandboxes.create(server)["id"]
     with server.client() as c:
@@ -147,6 +162,7 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
+@NATIVE
 def test_metrics_prometheus_text(server, sandboxes):
     r = httpx.get(server.url + "/metrics", timeout=10)
     assert r.status_code == 200
@@ -162,6 +178,7 @@ def test_metrics_prometheus_text(server, sandboxes):
             assert re.match(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})?\s+\S+", line), line
 
 
+@NATIVE
 def test_stats(server, sandboxes):
     sb = sandboxes.create(server, {"image": IMAGE, "memory_mb": 256})
     assert sb["memory_mb"] == 256
@@ -178,8 +195,30 @@ def test_stats(server, sandboxes):
         # the memory limit is really enforced inside
         out = run_in(c, sb["id"], "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes")
         assert out["stdout"].strip() == str(256 * 1024 * 1024), out
+    # ... and on the host: the sandbox's own cgroups carry the limits
+    # (memory as requested, vcpus=1 → one CFS period, the default pids limit)
+    expected = {
+        "memory.limit_in_bytes": str(256 * 1024 * 1024),
+        "memory.max": str(256 * 1024 * 1024),
+        "cpu.cfs_quota_us": "100000",
+        "cpu.max": "100000 100000",
+        "pids.max": "512",
+    }
+    cgroups = (native_state(server, sb["id"]) or {}).get("cgroups") or []
+    assert cgroups, f"no cgroups in the state of {sb['id']}"
+    seen = {}
+    for d in cgroups:
+        for name, want in expected.items():
+            path = os.path.join(d, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    seen[path] = f.read().strip()
+                assert seen[path] == want, f"{path} = {seen[path]!r}, expected {want!r}"
+    kinds = {os.path.basename(p).split(".")[0] for p in seen}
+    assert kinds == {"memory", "cpu", "pids"}, f"limits found on the host: {seen}"
 
 
+@NATIVE
 def test_capacity_limit(make_server, sandboxes):
     srv = make_server(env={"STACYVM_MAX_SANDBOXES": "2"})
     first = sandboxes.create(srv)["id"]
@@ -203,6 +242,7 @@ def test_capacity_limit(make_server, sandboxes):
         assert_error(c.post("/sandboxes", json={"image": IMAGE}), 429, "quota_exceeded")
 
 
+@NATIVE
 def test_capacity_is_atomic_under_parallel_creates(make_server, sandboxes):
     srv = make_server(env={"STACYVM_MAX_SANDBOXES": "2"})
     results: list[httpx.Response] = []
@@ -231,6 +271,7 @@ def test_capacity_is_atomic_under_parallel_creates(make_server, sandboxes):
         assert len(c.get("/sandboxes").json()) == 2
 
 
+@NATIVE
 def test_extend_is_capped_by_max_ttl(make_server, sandboxes):
     """API.md §3: extend sets expires_at = now + ttl, capped by the max TTL."""
     srv = make_server(env={"STACYVM_MAX_TTL": "1h"})

@@ -72,6 +72,8 @@ struct FileConfig {
     reaper_interval: Option<String>,
     agent_path: Option<PathBuf>,
     log_format: Option<String>,
+    image_dir: Option<PathBuf>,
+    insecure_registries: Option<Vec<String>>,
     docker: Option<DockerConfig>,
 }
 
@@ -107,6 +109,11 @@ pub struct Config {
     pub agent_path: Option<PathBuf>,
     /// `text` or `json`.
     pub log_format: String,
+    /// The native provider's image store; default `<data_dir>/images`.
+    pub image_dir: Option<PathBuf>,
+    /// Registries (`host:port`) pulled from over plain HTTP; loopback
+    /// registries always are.
+    pub insecure_registries: Vec<String>,
     pub docker: DockerConfig,
 }
 
@@ -132,7 +139,7 @@ impl Default for Config {
         Config {
             listen: "0.0.0.0:7423".to_string(),
             data_dir: default_data_dir(),
-            default_provider: "docker".to_string(),
+            default_provider: "native".to_string(),
             api_key: None,
             preview_domain: "localhost".to_string(),
             default_image: "python:3.12".to_string(),
@@ -152,6 +159,8 @@ impl Default for Config {
             reaper_interval: Duration::from_millis(500),
             agent_path: None,
             log_format: "text".to_string(),
+            image_dir: None,
+            insecure_registries: Vec::new(),
             docker: DockerConfig::default(),
         }
     }
@@ -168,6 +177,13 @@ fn num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError> {
 }
 
 impl Config {
+    /// Where the image store lives.
+    pub fn image_dir(&self) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"))
+    }
+
     /// Load from an optional TOML file, then apply environment overrides
     /// from `env` (normally `std::env::vars()`).
     pub fn load(
@@ -235,6 +251,12 @@ impl Config {
         if f.agent_path.is_some() {
             self.agent_path = f.agent_path;
         }
+        if f.image_dir.is_some() {
+            self.image_dir = f.image_dir;
+        }
+        if let Some(r) = f.insecure_registries {
+            self.insecure_registries = r;
+        }
         Ok(())
     }
 
@@ -265,6 +287,15 @@ impl Config {
             "REAPER_INTERVAL" => self.reaper_interval = dur(key, v)?,
             "AGENT_PATH" => self.agent_path = Some(PathBuf::from(v)),
             "LOG_FORMAT" => self.log_format = v.to_string(),
+            "IMAGE_DIR" => self.image_dir = Some(PathBuf::from(v)),
+            "INSECURE_REGISTRIES" => {
+                self.insecure_registries = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
             "DOCKER_SOCKET" => self.docker.socket = Some(v.to_string()),
             "DOCKER_PULL" => self.docker.pull = v.to_string(),
             // Client-side and unrelated variables (STACYVM_URL, …) are not ours.
@@ -333,7 +364,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::load(None, env(&[])).unwrap();
         assert_eq!(c.listen, "0.0.0.0:7423");
-        assert_eq!(c.default_provider, "docker");
+        assert_eq!(c.default_provider, "native");
         assert!(c.api_key.is_none());
         assert_eq!(c.preview_domain, "localhost");
     }

@@ -12,6 +12,7 @@ pub mod duration;
 pub mod engine;
 pub mod error;
 pub mod id;
+pub mod images;
 pub mod metrics;
 pub mod setup;
 

@@ -3,6 +3,9 @@
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::images::StoreRootfs;
+use stacyvm_images::{ImageStore, StoreOptions};
+use stacyvm_native::{NativeOptions, NativeProvider};
 use stacyvm_providers::docker::{DockerOptions, DockerProvider, PullPolicy};
 use stacyvm_providers::Provider;
 use stacyvm_store::Store;
@@ -125,6 +128,32 @@ pub fn install_agent(cfg: &Config) -> Result<PathBuf, Error> {
     Ok(dst)
 }
 
+/// The image store of the native provider.
+pub fn open_image_store(cfg: &Config) -> Result<ImageStore, Error> {
+    ImageStore::open(
+        &cfg.image_dir(),
+        StoreOptions {
+            insecure_registries: cfg.insecure_registries.clone(),
+            ..StoreOptions::default()
+        },
+    )
+    .map_err(|e| Error::invalid(format!("image store {}: {e}", cfg.image_dir().display())))
+}
+
+fn native_provider(cfg: &Config, instance_id: &str) -> Result<NativeProvider, Error> {
+    let store = open_image_store(cfg)?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::internal(format!("cannot find the server executable: {e}")))?;
+    NativeProvider::new(NativeOptions {
+        state_dir: cfg.data_dir.join("native"),
+        instance_id: instance_id.to_string(),
+        init_exe: exe,
+        init_args: vec!["__sandbox-init".to_string()],
+        rootfs: Arc::new(StoreRootfs { store }),
+    })
+    .map_err(Error::from)
+}
+
 /// Open the store, install the agent, connect the providers and build the
 /// engine. Does not reconcile or start background tasks.
 pub async fn build_engine(cfg: Config) -> Result<Arc<Engine>, Error> {
@@ -168,6 +197,10 @@ pub async fn build_engine(cfg: Config) -> Result<Arc<Engine>, Error> {
     match docker {
         Ok(d) => providers.push(Arc::new(d)),
         Err(e) => tracing::warn!(error = %e, "docker provider unavailable"),
+    }
+    match native_provider(&cfg, &instance_id) {
+        Ok(n) => providers.push(Arc::new(n)),
+        Err(e) => tracing::warn!(error = %e, "native provider unavailable"),
     }
     tracing::info!(instance = %instance_id, data_dir = %cfg.data_dir.display(), agent = %agent.display(), "engine ready");
     Engine::new(cfg, store, providers, agent)

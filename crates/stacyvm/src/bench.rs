@@ -1,8 +1,11 @@
-//! `stacyvm bench`: latency and throughput of the API against Docker's own
-//! CLI measured in the same run, on the same machine and image.
+//! `stacyvm bench`: latency, throughput and memory of StacyVM against peers
+//! measured in the same run, on the same machine and image: Docker's own CLI
+//! (`docker exec`, `docker run`, `docker cp`), the Docker provider, and raw
+//! namespace launches (`bwrap`, `unshare`) of the same command.
 //!
-//! Without `--server` it starts a private server (this binary, `serve`) on a
-//! loopback port with a temporary data directory, and stops it afterwards.
+//! Without `--target` it starts a private server (this binary, `serve`) on a
+//! loopback port with a temporary data directory (sharing the regular image
+//! store, so images stay warm), and stops it afterwards.
 
 use crate::client::{empty, enc, full, Client};
 use anyhow::{bail, Context, Result};
@@ -20,24 +23,37 @@ pub struct BenchArgs {
     /// Benchmark an already running server instead of starting one.
     #[arg(long = "target", value_name = "URL")]
     target: Option<String>,
-    /// Image for every sandbox (must exist in the local Docker daemon).
+    /// Image for every sandbox (must exist in the local Docker daemon and in
+    /// the native image store, or be pullable).
     #[arg(
         long,
         env = "STACYVM_TEST_IMAGE",
         default_value = "stacyvm-test/python:bookworm"
     )]
     image: String,
-    #[arg(long, default_value = "docker")]
-    provider: String,
+    /// Providers to measure.
+    #[arg(long, value_delimiter = ',', default_value = "native,docker")]
+    providers: Vec<String>,
+    /// Idle native sandboxes kept alive at once for the memory measurement
+    /// (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    idle_sandboxes: usize,
+    /// Idle Docker sandboxes for the memory peer.
+    #[arg(long, default_value_t = 20)]
+    idle_docker_sandboxes: usize,
     /// Exec round trips through the API.
     #[arg(long, default_value_t = 300)]
     exec_iterations: usize,
     /// `docker exec` round trips (each costs ~100 ms).
     #[arg(long, default_value_t = 30)]
     docker_exec_iterations: usize,
-    /// create→first exec iterations (and `docker run` peers).
-    #[arg(long, default_value_t = 15)]
+    /// create→first exec iterations of the native provider (and the raw
+    /// namespace launch peers).
+    #[arg(long, default_value_t = 100)]
     create_iterations: usize,
+    /// create→first exec iterations of the Docker provider (and `docker run`).
+    #[arg(long, default_value_t = 15)]
+    docker_create_iterations: usize,
     /// Size of the transfer test file in MiB.
     #[arg(long, default_value_t = 64)]
     transfer_mib: usize,
@@ -101,7 +117,10 @@ impl Drop for OwnServer {
     }
 }
 
-async fn start_server(api_key: Option<&str>) -> Result<(OwnServer, String)> {
+async fn start_server(
+    api_key: Option<&str>,
+    image_dir: &std::path::Path,
+) -> Result<(OwnServer, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -114,6 +133,8 @@ async fn start_server(api_key: Option<&str>) -> Result<(OwnServer, String)> {
         .env("STACYVM_LISTEN", format!("127.0.0.1:{port}"))
         .env("STACYVM_DATA_DIR", &data_dir)
         .env("STACYVM_LOG", "warn")
+        .env("STACYVM_IMAGE_DIR", image_dir)
+        .env("STACYVM_MAX_SANDBOXES", "2000")
         .stdout(Stdio::null())
         .stderr(log);
     if let Some(k) = api_key {
@@ -185,13 +206,16 @@ async fn exec_true(c: &Client, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Per provider: exec round trips (ms), uploads and downloads (MiB/s).
+type ProviderSeries = (String, Vec<f64>, Vec<f64>, Vec<f64>);
+
 struct Row {
-    name: &'static str,
+    name: String,
     unit: &'static str,
     ours: Stats,
-    peer_name: &'static str,
+    peer_name: String,
     peer: Stats,
-    /// true: lower is better (latency); false: higher is better (throughput).
+    /// true: lower is better (latency, memory); false: higher is better.
     lower_better: bool,
 }
 
@@ -205,164 +229,438 @@ impl Row {
     }
 }
 
+fn row(
+    name: String,
+    unit: &'static str,
+    ours: &[f64],
+    peer_name: &str,
+    peer: &[f64],
+    lower_better: bool,
+) -> Row {
+    Row {
+        name,
+        unit,
+        ours: stats(&mut ours.to_vec(), lower_better),
+        peer_name: peer_name.to_string(),
+        peer: stats(&mut peer.to_vec(), lower_better),
+        lower_better,
+    }
+}
+
+async fn destroy(c: &Client, id: &str) -> Result<()> {
+    c.json(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None)
+        .await
+        .map(|_| ())
+}
+
+/// Round trips of `exec true` through the API.
+async fn exec_series(c: &Client, id: &str, n: usize) -> Result<Vec<f64>> {
+    for _ in 0..20 {
+        exec_true(c, id).await?;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        exec_true(c, id).await?;
+        out.push(ms(t.elapsed()));
+    }
+    Ok(out)
+}
+
+/// create → first exec → (untimed) destroy, `n` times.
+async fn create_series(c: &Client, image: &str, provider: &str, n: usize) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let id = create(c, image, provider).await?;
+        exec_true(c, &id).await?;
+        out.push(ms(t.elapsed()));
+        destroy(c, &id).await?;
+    }
+    Ok(out)
+}
+
+/// Upload and download `data` `n` times each; MiB/s.
+async fn transfer_series(
+    c: &Client,
+    id: &str,
+    data: &Bytes,
+    n: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mib = data.len() as f64 / (1024.0 * 1024.0);
+    let path = "/tmp/stacyvm-bench.bin";
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        let resp = Client::check(
+            c.send(
+                Method::PUT,
+                &format!("/api/v1/sandboxes/{id}/files/raw?path={}", enc(path)),
+                full(data.clone()),
+                false,
+            )
+            .await?,
+        )
+        .await?;
+        resp.into_body().collect().await?;
+        up.push(mib / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let resp = Client::check(
+            c.send(
+                Method::GET,
+                &format!("/api/v1/sandboxes/{id}/files?path={}", enc(path)),
+                empty(),
+                false,
+            )
+            .await?,
+        )
+        .await?;
+        let got = resp.into_body().collect().await?.to_bytes();
+        down.push(mib / t.elapsed().as_secs_f64());
+        if got != *data {
+            bail!("downloaded file differs from the uploaded one");
+        }
+    }
+    Ok((up, down))
+}
+
+fn random_bytes(size: usize) -> Bytes {
+    let mut data = vec![0u8; size];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    Bytes::from(data)
+}
+
+/// Host memory in use (MemTotal - MemAvailable), in MiB.
+fn host_mem_used_mib() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let field = |name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    match (field("MemTotal:"), field("MemAvailable:")) {
+        (Some(t), Some(a)) => Ok((t - a) / 1024.0),
+        _ => bail!("cannot read MemTotal/MemAvailable from /proc/meminfo"),
+    }
+}
+
+/// Memory per idle sandbox: create `n` (each runs one exec), let them
+/// settle, then measure (a) the memory charged to their cgroups (the
+/// agent's `stats`: RSS, page cache and kernel objects of the sandbox) and
+/// (b) the growth of host memory in use (MemTotal - MemAvailable; includes
+/// everything, and the noise of whatever else runs on the host). Destroys
+/// them afterwards.
+async fn idle_memory(c: &Client, image: &str, provider: &str, n: usize) -> Result<(f64, f64)> {
+    let sample = || -> Result<f64> {
+        let mut v = [
+            host_mem_used_mib()?,
+            host_mem_used_mib()?,
+            host_mem_used_mib()?,
+        ];
+        v.sort_by(|a, b| a.total_cmp(b));
+        Ok(v[1])
+    };
+    let before = sample()?;
+    let mut ids = Vec::with_capacity(n);
+    let res = async {
+        for _ in 0..n {
+            let id = create(c, image, provider).await?;
+            ids.push(id.clone());
+            exec_true(c, &id).await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = sample()?;
+        let mut charged = 0.0;
+        for id in &ids {
+            let st = c
+                .json(Method::GET, &format!("/api/v1/sandboxes/{id}/stats"), None)
+                .await?;
+            charged += st["mem_bytes"].as_f64().unwrap_or(0.0);
+        }
+        Ok::<_, anyhow::Error>((charged / (1024.0 * 1024.0), after))
+    }
+    .await;
+    for id in &ids {
+        let _ = destroy(c, id).await;
+    }
+    let (charged, after) = res?;
+    Ok((charged / n as f64, ((after - before) / n as f64).max(0.0)))
+}
+
+fn run_peer(program: &str, args: &[&str]) -> Result<Duration> {
+    let t = Instant::now();
+    let out = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {program} (peer measurement)"))?;
+    let d = t.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(d)
+}
+
+/// The image's root filesystem as one directory, for the raw launch peers.
+fn peer_rootfs(image_dir: &std::path::Path, image: &str) -> Result<PathBuf> {
+    let store =
+        stacyvm_images::ImageStore::open(image_dir, stacyvm_images::StoreOptions::default())?;
+    let info = store.get(image)?.with_context(|| {
+        format!(
+            "image {image} is not in the image store {}",
+            image_dir.display()
+        )
+    })?;
+    // Single-layer images are the common case for this measurement; with
+    // several layers the bottom one holds /bin/true.
+    info.layers.first().cloned().context("image has no layers")
+}
+
 pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
+    let cfg = stacyvm_core::Config::load(None, std::env::vars())?;
+    let image_dir = cfg.image_dir();
     let (_own, url) = match &a.target {
         Some(u) => (None, u.clone()),
         None => {
-            let (s, u) = start_server(api_key.as_deref()).await?;
+            let (s, u) = start_server(api_key.as_deref(), &image_dir).await?;
             (Some(s), u)
         }
     };
     let c = Client::new(&url, api_key.clone())?;
+    let has = |p: &str| a.providers.iter().any(|x| x == p);
     eprintln!(
-        "benchmarking {url} (image {}, provider {})",
-        a.image, a.provider
+        "benchmarking {url} (image {}, providers {})",
+        a.image,
+        a.providers.join(",")
     );
-    let mut rows = Vec::new();
-    let mut created: Vec<String> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut keep: Vec<String> = Vec::new();
     let result = async {
-        // 1. Exec round trip vs docker exec on the same container.
-        let id = create(&c, &a.image, &a.provider).await?;
-        created.push(id.clone());
-        for _ in 0..20 {
-            exec_true(&c, &id).await?;
+        let data = random_bytes(a.transfer_mib * 1024 * 1024);
+        // One long-lived sandbox per provider for exec and transfers.
+        let mut exec: Vec<ProviderSeries> = Vec::new();
+        for p in &a.providers {
+            let id = create(&c, &a.image, p).await?;
+            keep.push(id.clone());
+            let e = exec_series(&c, &id, a.exec_iterations).await?;
+            let (up, down) = transfer_series(&c, &id, &data, a.transfer_iterations).await?;
+            exec.push((p.clone(), e, up, down));
+            eprintln!("  {p}: exec and transfers done");
         }
-        let mut ours = Vec::with_capacity(a.exec_iterations);
-        for _ in 0..a.exec_iterations {
-            let t = Instant::now();
-            exec_true(&c, &id).await?;
-            ours.push(ms(t.elapsed()));
+        // Docker CLI peers on the Docker sandbox's container.
+        let docker_id = a
+            .providers
+            .iter()
+            .position(|p| p == "docker")
+            .map(|i| keep[i].clone());
+        let (mut dexec, mut dup, mut ddown) = (Vec::new(), Vec::new(), Vec::new());
+        if let Some(id) = &docker_id {
+            let container = format!("stacyvm-{id}");
+            docker(&["exec", &container, "true"])?;
+            for _ in 0..a.docker_exec_iterations {
+                dexec.push(ms(docker(&["exec", &container, "true"])?));
+            }
+            let mib = a.transfer_mib as f64;
+            let local =
+                std::env::temp_dir().join(format!("stacyvm-bench-{}.bin", std::process::id()));
+            let back =
+                std::env::temp_dir().join(format!("stacyvm-bench-{}.back", std::process::id()));
+            std::fs::write(&local, &data)?;
+            let target = format!("{container}:/tmp/stacyvm-bench-peer.bin");
+            let (l, b) = (
+                local.to_string_lossy().to_string(),
+                back.to_string_lossy().to_string(),
+            );
+            for _ in 0..a.transfer_iterations {
+                dup.push(mib / docker(&["cp", &l, &target])?.as_secs_f64());
+                ddown.push(mib / docker(&["cp", &target, &b])?.as_secs_f64());
+                let _ = std::fs::remove_file(&back);
+            }
+            let _ = std::fs::remove_file(&local);
+            eprintln!("  docker CLI peers done");
         }
-        let container = format!("stacyvm-{id}");
-        docker(&["exec", &container, "true"])?;
-        let mut peer = Vec::new();
-        for _ in 0..a.docker_exec_iterations {
-            peer.push(ms(docker(&["exec", &container, "true"])?));
-        }
-        rows.push(Row {
-            name: "exec round trip (`true`)",
-            unit: "ms",
-            ours: stats(&mut ours, true),
-            peer_name: "docker exec",
-            peer: stats(&mut peer, true),
-            lower_better: true,
-        });
-        eprintln!("  exec round trip done");
-
-        // 2. Create → first exec vs docker run.
-        let mut ours = Vec::new();
-        for _ in 0..a.create_iterations {
-            let t = Instant::now();
-            let nid = create(&c, &a.image, &a.provider).await?;
-            exec_true(&c, &nid).await?;
-            ours.push(ms(t.elapsed()));
-            c.json(Method::DELETE, &format!("/api/v1/sandboxes/{nid}"), None)
-                .await?;
-        }
-        let mut peer = Vec::new();
-        for _ in 0..a.create_iterations {
-            peer.push(ms(docker(&[
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                &a.image,
-                "true",
-            ])?));
-        }
-        rows.push(Row {
-            name: "create → first exec",
-            unit: "ms",
-            ours: stats(&mut ours, true),
-            peer_name: "docker run --rm",
-            peer: stats(&mut peer, true),
-            lower_better: true,
-        });
-        eprintln!("  create → first exec done");
-
-        // 3. File transfer both ways vs docker cp.
-        let size = a.transfer_mib * 1024 * 1024;
-        let mut data = vec![0u8; size];
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for chunk in data.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let b = x.to_le_bytes();
-            chunk.copy_from_slice(&b[..chunk.len()]);
-        }
-        let data = Bytes::from(data);
-        let mib = a.transfer_mib as f64;
-        let (mut up, mut down) = (Vec::new(), Vec::new());
-        let path = "/tmp/stacyvm-bench.bin";
-        for _ in 0..a.transfer_iterations {
-            let t = Instant::now();
-            let resp = Client::check(
-                c.send(
-                    Method::PUT,
-                    &format!("/api/v1/sandboxes/{id}/files/raw?path={}", enc(path)),
-                    full(data.clone()),
+        let docker_exec_api = exec.iter().find(|e| e.0 == "docker").map(|e| e.1.clone());
+        for (p, e, up, down) in &exec {
+            if !dexec.is_empty() {
+                rows.push(row(
+                    format!("exec round trip [{p}]"),
+                    "ms",
+                    e,
+                    "docker exec",
+                    &dexec,
+                    true,
+                ));
+            }
+            if p == "native" {
+                if let Some(d) = &docker_exec_api {
+                    rows.push(row(
+                        format!("exec round trip [{p}]"),
+                        "ms",
+                        e,
+                        "docker provider",
+                        d,
+                        true,
+                    ));
+                }
+            }
+            if !dup.is_empty() {
+                rows.push(row(
+                    format!("upload 64 MiB [{p}]"),
+                    "MiB/s",
+                    up,
+                    "docker cp in",
+                    &dup,
                     false,
-                )
-                .await?,
-            )
-            .await?;
-            resp.into_body().collect().await?;
-            up.push(mib / t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let resp = Client::check(
-                c.send(
-                    Method::GET,
-                    &format!("/api/v1/sandboxes/{id}/files?path={}", enc(path)),
-                    empty(),
+                ));
+                rows.push(row(
+                    format!("download 64 MiB [{p}]"),
+                    "MiB/s",
+                    down,
+                    "docker cp out",
+                    &ddown,
                     false,
-                )
-                .await?,
-            )
-            .await?;
-            let got = resp.into_body().collect().await?.to_bytes();
-            down.push(mib / t.elapsed().as_secs_f64());
-            if got.len() != size || got != data {
-                bail!("downloaded file differs from the uploaded one");
+                ));
             }
         }
-        let local = std::env::temp_dir().join(format!("stacyvm-bench-{}.bin", std::process::id()));
-        let back = std::env::temp_dir().join(format!("stacyvm-bench-{}.back", std::process::id()));
-        std::fs::write(&local, &data)?;
-        let (mut peer_up, mut peer_down) = (Vec::new(), Vec::new());
-        let target = format!("{container}:/tmp/stacyvm-bench-peer.bin");
-        let local_s = local.to_string_lossy().to_string();
-        let back_s = back.to_string_lossy().to_string();
-        for _ in 0..a.transfer_iterations {
-            peer_up.push(mib / docker(&["cp", &local_s, &target])?.as_secs_f64());
-            peer_down.push(mib / docker(&["cp", &target, &back_s])?.as_secs_f64());
-            let _ = std::fs::remove_file(&back);
+
+        // create → first exec.
+        let mut create_docker = Vec::new();
+        if has("docker") {
+            create_docker =
+                create_series(&c, &a.image, "docker", a.docker_create_iterations).await?;
+            let mut run = Vec::new();
+            for _ in 0..a.docker_create_iterations {
+                run.push(ms(docker(&[
+                    "run",
+                    "--rm",
+                    "--network",
+                    "none",
+                    &a.image,
+                    "true",
+                ])?));
+            }
+            rows.push(row(
+                "create → first exec [docker]".into(),
+                "ms",
+                &create_docker,
+                "docker run --rm",
+                &run,
+                true,
+            ));
+            eprintln!("  docker: create → first exec done");
         }
-        let _ = std::fs::remove_file(&local);
-        rows.push(Row {
-            name: "upload (PUT files/raw)",
-            unit: "MiB/s",
-            ours: stats(&mut up, false),
-            peer_name: "docker cp in",
-            peer: stats(&mut peer_up, false),
-            lower_better: false,
-        });
-        rows.push(Row {
-            name: "download (GET files)",
-            unit: "MiB/s",
-            ours: stats(&mut down, false),
-            peer_name: "docker cp out",
-            peer: stats(&mut peer_down, false),
-            lower_better: false,
-        });
-        eprintln!("  transfers done");
+        if has("native") {
+            let native = create_series(&c, &a.image, "native", a.create_iterations).await?;
+            if !create_docker.is_empty() {
+                rows.push(row(
+                    "create → first exec [native]".into(),
+                    "ms",
+                    &native,
+                    "docker provider",
+                    &create_docker,
+                    true,
+                ));
+            }
+            let root = peer_rootfs(&image_dir, &a.image)?;
+            let root = root.to_string_lossy().to_string();
+            let mut bwrap = Vec::new();
+            let mut unshare = Vec::new();
+            for _ in 0..a.create_iterations {
+                bwrap.push(ms(run_peer(
+                    "bwrap",
+                    &[
+                        "--ro-bind",
+                        &root,
+                        "/",
+                        "--proc",
+                        "/proc",
+                        "--dev",
+                        "/dev",
+                        "--unshare-all",
+                        "--die-with-parent",
+                        "/bin/true",
+                    ],
+                )?));
+                unshare.push(ms(run_peer(
+                    "unshare",
+                    &[
+                        "--mount",
+                        "--uts",
+                        "--ipc",
+                        "--net",
+                        "--pid",
+                        "--fork",
+                        "chroot",
+                        &root,
+                        "/bin/true",
+                    ],
+                )?));
+            }
+            rows.push(row(
+                "create → first exec [native]".into(),
+                "ms",
+                &native,
+                "bwrap launch",
+                &bwrap,
+                true,
+            ));
+            rows.push(row(
+                "create → first exec [native]".into(),
+                "ms",
+                &native,
+                "unshare launch",
+                &unshare,
+                true,
+            ));
+            eprintln!("  native: create → first exec done");
+
+            if a.idle_sandboxes > 0 {
+                let (charged, host) = idle_memory(&c, &a.image, "native", a.idle_sandboxes).await?;
+                let n = a.idle_sandboxes;
+                let (dcharged, dhost, peer) = if has("docker") && a.idle_docker_sandboxes > 0 {
+                    let (dc, dh) =
+                        idle_memory(&c, &a.image, "docker", a.idle_docker_sandboxes).await?;
+                    (dc, dh, format!("docker (n={})", a.idle_docker_sandboxes))
+                } else {
+                    (f64::NAN, f64::NAN, "-".to_string())
+                };
+                rows.push(row(
+                    format!("cgroup memory / idle sandbox (n={n}) [native]"),
+                    "MiB",
+                    &[charged],
+                    &peer,
+                    &[dcharged],
+                    true,
+                ));
+                rows.push(row(
+                    format!("host memory / idle sandbox (n={n}) [native]"),
+                    "MiB",
+                    &[host],
+                    &peer,
+                    &[dhost],
+                    true,
+                ));
+                eprintln!("  native: idle memory done");
+            }
+        }
         Ok::<(), anyhow::Error>(())
     }
     .await;
-    for id in &created {
-        let _ = c
-            .json(Method::DELETE, &format!("/api/v1/sandboxes/{id}"), None)
-            .await;
+    for id in &keep {
+        let _ = destroy(&c, id).await;
     }
     result?;
 
@@ -381,13 +679,19 @@ pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{:<26} {:>14} {:>14}   {:<16} {:>14} {:>14}   {:>8}",
+            "{:<44} {:>13} {:>13}   {:<18} {:>13} {:>13}   {:>8}",
             "benchmark", "p50", "p99/p1", "peer", "peer p50", "peer p99/p1", "ratio"
         );
         for r in &rows {
-            let f = |v: f64| format!("{v:.2} {}", if r.unit == "ms" { "ms" } else { "MiB/s" });
+            let f = |v: f64| {
+                if v.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{v:.2} {}", r.unit)
+                }
+            };
             println!(
-                "{:<26} {:>14} {:>14}   {:<16} {:>14} {:>14}   {:>7.1}x",
+                "{:<44} {:>13} {:>13}   {:<18} {:>13} {:>13}   {:>7.1}x",
                 r.name,
                 f(r.ours.p50),
                 f(r.ours.p99),

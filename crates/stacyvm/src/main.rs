@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod commands;
+mod image_cmd;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -52,12 +53,31 @@ enum Command {
     /// Copy a file into or out of a sandbox: `cp ./a.py sb_x:/app/a.py`,
     /// `cp sb_x:/out.txt ./out.txt` (`-` is stdin/stdout).
     Cp { src: String, dst: String },
+    /// Manage the local image store of the native provider (pull, import, ls, rm).
+    Image {
+        /// TOML config file (for data_dir / image_dir / insecure_registries).
+        #[arg(long, env = "STACYVM_CONFIG")]
+        config: Option<PathBuf>,
+        /// Registries (host:port) reached over plain HTTP; loopback ones always are.
+        #[arg(long = "insecure-registry", value_delimiter = ',')]
+        insecure_registries: Vec<String>,
+        #[command(subcommand)]
+        cmd: image_cmd::ImageCmd,
+    },
     /// Measure exec latency, create→first exec and file throughput against
     /// Docker's own CLI in the same run.
     Bench(bench::BenchArgs),
 }
 
 fn main() {
+    // The native provider starts each sandbox through this binary; that
+    // helper must run before any thread exists.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__sandbox-init")
+    {
+        stacyvm_native::sandbox_init_main();
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -79,6 +99,15 @@ fn main() {
                 Command::Ls(a) => commands::ls(&client()?, a).await,
                 Command::Rm { ids } => commands::rm(&client()?, ids).await,
                 Command::Cp { src, dst } => commands::cp(&client()?, &src, &dst).await,
+                Command::Image {
+                    config,
+                    mut insecure_registries,
+                    cmd,
+                } => {
+                    let cfg = stacyvm_core::Config::load(config.as_deref(), std::env::vars())?;
+                    insecure_registries.extend(cfg.insecure_registries.iter().cloned());
+                    image_cmd::run(cmd, cfg.image_dir(), insecure_registries).await
+                }
                 Command::Bench(a) => bench::run(a, cli.api_key.clone()).await,
             }
         }
