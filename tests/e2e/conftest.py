@@ -580,7 +580,8 @@ def instance_runtimes(
         if leaf in parked and populated:
             continue  # a live pre-started sandbox
         if leaf in parked:
-            out.append((f"stale pre-started slot {leaf} (empty cgroup, state dir left)", None))
+            # (for a moment while the slot starts; for good if it died)
+            out.append((f"pre-started slot {leaf} without a process", None))
             continue
         owner = leaf_owner.get(leaf) or (leaf if SANDBOX_ID_RE.match(leaf) else None)
         out.append((f"cgroup {leaf} ({'populated' if populated else 'empty'})", owner))
@@ -783,14 +784,23 @@ class ServerProcess:
 
     def shutdown(self) -> list[str]:
         """Destroy sandboxes, stop the process, remove anything left behind.
-        Returns the processes that were still running in the cgroups of a
-        native instance after the server was gone (a leak)."""
-        self.destroy_all()
-        self.stop()
+        Returns the leaks found: runtime objects of the instance left once
+        every sandbox was destroyed, processes still running in the cgroups
+        of a native instance after the server was gone."""
+        problems = []
         inst = self.instance_id()
+        if self.running:
+            self.destroy_all()
+            if inst:
+                left = wait_instance_clean(self, inst, self.provider)
+                if left:
+                    problems.append(
+                        f"server {self.url} (instance {inst}): left after destroying "
+                        f"every sandbox: {left}"
+                    )
+        self.stop()
         if inst:
             self.known_instance_ids.add(inst)
-        problems = []
         for inst in self.known_instance_ids:
             if shutil.which("docker") is not None:
                 try:

@@ -1560,6 +1560,15 @@ impl Provider for NativeProvider {
         Ok(self.inner.info(sandbox_id))
     }
 
+    async fn shutdown(&self) {
+        // Pre-started sandboxes belong to no one; a stopped server must not
+        // leave them (or their cgroups) on the host.
+        let this = NativeProvider {
+            inner: Arc::clone(&self.inner),
+        };
+        let _ = tokio::task::spawn_blocking(move || this.set_warm_pool_size(0)).await;
+    }
+
     async fn list(&self) -> Result<Vec<RuntimeInfo>, ProviderError> {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || inner.list())

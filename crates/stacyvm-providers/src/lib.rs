@@ -137,6 +137,10 @@ pub trait Provider: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<RuntimeInfo>, ProviderError>;
     /// Cheap liveness check of the runtime itself.
     async fn health(&self) -> Result<(), ProviderError>;
+    /// The server is stopping gracefully: release whatever the provider
+    /// holds that is not a sandbox (pre-started runtimes, caches). Running
+    /// sandboxes stay up.
+    async fn shutdown(&self) {}
     /// Recent runtime-side log lines of the sandbox (best effort).
     async fn logs(&self, _sandbox_id: &str, _lines: usize) -> Vec<String> {
         Vec::new()

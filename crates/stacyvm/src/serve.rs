@@ -47,6 +47,7 @@ pub async fn run(config: Option<PathBuf>) -> Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("server error")?;
+    engine.shutdown().await;
     tracing::info!("server stopped; sandboxes keep running and are re-attached at the next start");
     Ok(())
 }

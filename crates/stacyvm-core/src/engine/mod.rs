@@ -699,6 +699,14 @@ impl Engine {
             .collect()
     }
 
+    /// Graceful stop: let every provider release what is not a sandbox.
+    /// Sandboxes keep running and are re-attached at the next start.
+    pub async fn shutdown(&self) {
+        for p in self.providers.values() {
+            p.shutdown().await;
+        }
+    }
+
     /// Periodic provider health checks.
     pub async fn run_health_checks(self: Arc<Self>) {
         loop {
