@@ -1521,19 +1521,7 @@ impl Provider for NativeProvider {
     }
 
     fn capabilities(&self) -> Vec<String> {
-        [
-            "exec",
-            "files",
-            "streaming",
-            "memory_limit",
-            "cpu_limit",
-            "pids_limit",
-            "network_none",
-            "seccomp",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        stacyvm_providers::agent_capabilities(&["seccomp"])
     }
 
     async fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, ProviderError> {

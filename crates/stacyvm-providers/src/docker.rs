@@ -471,18 +471,7 @@ impl Provider for DockerProvider {
     }
 
     fn capabilities(&self) -> Vec<String> {
-        [
-            "exec",
-            "files",
-            "streaming",
-            "memory_limit",
-            "cpu_limit",
-            "pids_limit",
-            "network_none",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        crate::agent_capabilities(&[])
     }
 
     async fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, ProviderError> {

@@ -118,6 +118,24 @@ pub enum ProviderError {
     AgentStart(String),
 }
 
+/// What every agent-based provider offers, plus its own `extra` words,
+/// for [`Provider::capabilities`].
+pub fn agent_capabilities(extra: &[&str]) -> Vec<String> {
+    [
+        "exec",
+        "files",
+        "streaming",
+        "memory_limit",
+        "cpu_limit",
+        "pids_limit",
+        "network_none",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     /// Name used in the API (`docker`, `native`, …).
