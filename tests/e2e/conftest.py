@@ -771,6 +771,13 @@ class ServerProcess:
             return
         try:
             with self.client(timeout=30) as c:
+                # Warm pools hold sandboxes no list shows: deleting their
+                # template destroys them.
+                r = c.get("/templates")
+                if r.status_code == 200:
+                    for t in r.json():
+                        if t.get("pool_size"):
+                            c.delete(f"/templates/{t['name']}")
                 r = c.get("/sandboxes")
                 if r.status_code != 200:
                     return

@@ -18,9 +18,25 @@
 //! | `POST /v1/files/chmod`  | [`ChmodRequest`]                     | [`Status`] |
 //! | `GET /v1/logs`          | `?lines=`                            | `[String]` |
 //! | `GET /v1/stats`         |                                      | [`Stats`] |
+//! | `GET /v1/tunnel`        | `?port=`, `Connection: Upgrade`, `Upgrade: tcp` | `101`, then raw bytes (see below) |
 //!
 //! Every non-2xx answer carries an [`ErrorBody`] whose `code` uses the public
 //! API's codes (`invalid_request`, `file_not_found`, `conflict`, `internal`).
+//!
+//! ## The TCP tunnel
+//!
+//! `GET /v1/tunnel?port=N` with `Connection: Upgrade` and
+//! [`Upgrade: tcp`](TUNNEL_UPGRADE) asks the agent to connect to
+//! `127.0.0.1:N` (then `[::1]:N`) **inside the sandbox's network namespace**
+//! (the agent is PID 1 there, so that is the sandbox's own loopback). When the
+//! connection is made the agent answers `101 Switching Protocols` with
+//! `Upgrade: tcp`, and from then on the Unix-socket connection is a raw,
+//! full-duplex byte pipe to that TCP connection: bytes are copied both ways
+//! unchanged, and an end of stream (half-close) on one side is passed on to
+//! the other. The server's live-preview proxy speaks HTTP/1.1 (and WebSocket)
+//! to the app through it. Errors are ordinary answers instead of the `101`:
+//! `400 invalid_request` (port outside 1–65535, no upgrade headers) or
+//! `502` [`codes::PORT_CLOSED`] when nothing accepts connections on the port.
 
 pub mod path;
 
@@ -37,6 +53,8 @@ pub const SOCKET_NAME: &str = "agent.sock";
 pub const RESERVED_PREFIX: &str = "/.stacyvm";
 /// The default working directory of execs; the agent creates it at start.
 pub const DEFAULT_WORKDIR: &str = "/workspace";
+/// The `Upgrade` protocol token of `GET /v1/tunnel`.
+pub const TUNNEL_UPGRADE: &str = "tcp";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Health {
@@ -172,6 +190,8 @@ pub mod codes {
     pub const CONFLICT: &str = "conflict";
     pub const FORBIDDEN: &str = "forbidden";
     pub const INTERNAL: &str = "internal";
+    /// `GET /v1/tunnel`: nothing accepts connections on the port (HTTP 502).
+    pub const PORT_CLOSED: &str = "port_closed";
 }
 
 /// Percent-encode a query-string value: everything but unreserved

@@ -46,6 +46,11 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, codes::FORBIDDEN, message)
     }
 
+    /// 502 `port_closed`: the tunnel could not connect to a port.
+    pub fn port_closed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, codes::PORT_CLOSED, message)
+    }
+
     /// 500 `internal`.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, message)

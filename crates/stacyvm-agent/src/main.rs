@@ -15,6 +15,7 @@ mod proctree;
 mod reaper;
 mod server;
 mod stats;
+mod tunnel;
 mod utf8;
 
 use stacyvm_agent_proto::{RUN_DIR_IN_SANDBOX, SOCKET_NAME};

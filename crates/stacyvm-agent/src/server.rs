@@ -4,7 +4,7 @@ use crate::alog;
 use crate::body::{self, bool_param, query_param, read_json, required_param, Body};
 use crate::error::ApiError;
 use crate::reaper::{self, Reaper};
-use crate::{exec, files, logbuf, stats};
+use crate::{exec, files, logbuf, stats, tunnel};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -120,7 +120,8 @@ pub async fn run(cfg: Config) -> i32 {
                         });
                         let conn = http1::Builder::new()
                             .keep_alive(true)
-                            .serve_connection(TokioIo::new(stream), svc);
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .with_upgrades();
                         if let Err(e) = conn.await {
                             if !e.is_incomplete_message() && !e.is_canceled() {
                                 alog!("connection error: {e}");
@@ -227,6 +228,10 @@ async fn route(state: State, req: Request<Incoming>) -> Result<Response<Body>, A
         },
         "/v1/stats" => match method {
             Method::GET => Ok(body::ok(&stats::collect().await)),
+            _ => Err(wrong_method()),
+        },
+        "/v1/tunnel" => match method {
+            Method::GET => tunnel::handle(req).await,
             _ => Err(wrong_method()),
         },
         _ => Err(ApiError::no_route(&path)),

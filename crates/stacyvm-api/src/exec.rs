@@ -1,5 +1,6 @@
 //! `POST /api/v1/sandboxes/{id}/exec` (API.md §4).
 
+use crate::ctx::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::AppState;
@@ -11,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use stacyvm_agent_proto::ExecEvent;
-use stacyvm_core::engine::ExecInput;
+use stacyvm_core::engine::{shell_quote, ExecInput};
 use stacyvm_core::{duration, ErrorCode};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -20,17 +21,78 @@ fn go_duration(ns: u64) -> String {
     duration::format(Duration::from_nanos(ns))
 }
 
+/// The command line an exec runs, as the audit log keeps it (never its
+/// output).
+fn command_line(input: &ExecInput) -> String {
+    let command = input.command.as_deref().unwrap_or("");
+    let mut line = match input.mode.as_deref() {
+        Some("argv") => shell_quote(command),
+        _ => command.to_string(),
+    };
+    for a in &input.args {
+        line.push(' ');
+        line.push_str(&shell_quote(a));
+    }
+    if line.len() > 8192 {
+        let mut cut = 8192;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push('…');
+    }
+    line
+}
+
 pub async fn exec(
     State(s): State<AppState>,
+    ctx: Ctx,
     Path(id): Path<String>,
     JsonBody(input): JsonBody<ExecInput>,
 ) -> ApiResult<Response> {
-    let (req, timeout) = s.engine.prepare_exec(&input)?;
+    let ev = ctx
+        .event("sandbox.exec", &id)
+        .detail("command", command_line(&input));
+    let audit = |ev: stacyvm_core::audit::AuditEvent, r: &Result<(), stacyvm_core::Error>| {
+        s.engine.audit(ev.outcome(r));
+    };
+    let prepared = s
+        .engine
+        .prepare_exec(&input)
+        .and_then(|(mut req, timeout)| {
+            let explicit = input.timeout.as_deref().is_some_and(|t| !t.is_empty());
+            let timeout = s.engine.exec_quota(ctx.acl.as_deref(), explicit, timeout)?;
+            req.timeout_ms = timeout.as_millis().max(1) as u64;
+            Ok((req, timeout))
+        });
+    let (req, timeout) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            audit(ev, &Err(e.clone()));
+            return Err(e.into());
+        }
+    };
+    let ev = ev.detail("stream", req.stream);
     if req.stream {
-        let body = s.engine.exec_stream(&id, &req).await?;
-        return Ok(stream_response(body));
+        let r = s.engine.exec_stream(&id, &req).await;
+        audit(ev, &r.as_ref().map(|_| ()).map_err(Clone::clone));
+        return Ok(stream_response(r?));
     }
-    let res = s.engine.exec(&id, &req).await?;
+    let res = match s.engine.exec(&id, &req).await {
+        Ok(r) => r,
+        Err(e) => {
+            audit(ev, &Err(e.clone()));
+            return Err(e.into());
+        }
+    };
+    let ev = ev
+        .detail("exit_code", res.exit_code)
+        .detail("duration_ms", res.duration_ns / 1_000_000);
+    if res.timed_out {
+        s.engine.audit(ev.failed(ErrorCode::Timeout.as_str()));
+    } else {
+        audit(ev, &Ok(()));
+    }
     if res.timed_out {
         let mut e = ApiError::new(
             ErrorCode::Timeout,

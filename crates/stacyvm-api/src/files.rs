@@ -1,6 +1,7 @@
 //! File routes (API.md §5). Paths are checked here for clear 400s and again
 //! by the agent, which resolves them inside the sandbox.
 
+use crate::ctx::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, Query};
 use crate::AppState;
@@ -49,10 +50,12 @@ pub struct WriteBody {
 
 pub async fn write_json(
     State(s): State<AppState>,
+    ctx: Ctx,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<WriteBody>,
 ) -> ApiResult<Json<Value>> {
     let path = required(b.path)?;
+    let ev = ctx.event("file.write", &id).detail("path", path.as_str());
     let content = b.content.unwrap_or_default();
     let data = match b.encoding.as_deref() {
         None | Some("") | Some("utf8") | Some("utf-8") => Bytes::from(content),
@@ -75,12 +78,27 @@ pub async fn write_json(
             b.mode.as_deref().filter(|m| !m.is_empty()),
             data,
         )
-        .await?;
+        .await;
+    audit_write(&s, ev, &r);
+    let r = r?;
     Ok(Json(json!({"status": "written", "size": r.size})))
+}
+
+fn audit_write(
+    s: &AppState,
+    ev: stacyvm_core::audit::AuditEvent,
+    r: &Result<stacyvm_agent_proto::WriteResult, stacyvm_core::Error>,
+) {
+    let ev = match r {
+        Ok(w) => ev.detail("size", w.size),
+        Err(_) => ev,
+    };
+    s.engine.audit(ev.outcome(r));
 }
 
 pub async fn write_raw(
     State(s): State<AppState>,
+    ctx: Ctx,
     Path(id): Path<String>,
     uri: axum::http::Uri,
     body: Body,
@@ -90,6 +108,7 @@ pub async fn write_raw(
     let q: PathQuery = serde_urlencoded::from_str(uri.query().unwrap_or(""))
         .map_err(|e| ApiError::invalid(format!("invalid query string: {e}")).closing())?;
     let path = required(q.path).map_err(ApiError::closing)?;
+    let ev = ctx.event("file.write", &id).detail("path", path.as_str());
     let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
     let r = s
         .engine
@@ -99,8 +118,9 @@ pub async fn write_raw(
             q.mode.as_deref().filter(|m| !m.is_empty()),
             body,
         )
-        .await
-        .map_err(|e| ApiError::from(e).closing())?;
+        .await;
+    audit_write(&s, ev, &r);
+    let r = r.map_err(|e| ApiError::from(e).closing())?;
     Ok(Json(json!({"status": "written", "size": r.size})))
 }
 
@@ -121,12 +141,20 @@ pub async fn read(
 
 pub async fn delete(
     State(s): State<AppState>,
+    ctx: Ctx,
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Json<Value>> {
     let path = required(q.path)?;
     let recursive = truthy(q.recursive.as_deref())?;
-    s.engine.delete_file(&id, &path, recursive).await?;
+    let r = s.engine.delete_file(&id, &path, recursive).await;
+    s.engine.audit(
+        ctx.event("file.delete", &id)
+            .detail("path", path.as_str())
+            .detail("recursive", recursive)
+            .outcome(&r),
+    );
+    r?;
     Ok(Json(json!({"status": "deleted"})))
 }
 
@@ -176,6 +204,7 @@ pub struct MoveBody {
 
 pub async fn move_file(
     State(s): State<AppState>,
+    ctx: Ctx,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<MoveBody>,
 ) -> ApiResult<Json<Value>> {
@@ -187,7 +216,14 @@ pub async fn move_file(
         .new_path
         .filter(|p| !p.is_empty())
         .ok_or_else(|| ApiError::invalid("new_path is required"))?;
-    s.engine.move_file(&id, &from, &to).await?;
+    let r = s.engine.move_file(&id, &from, &to).await;
+    s.engine.audit(
+        ctx.event("file.move", &id)
+            .detail("old_path", from.as_str())
+            .detail("new_path", to.as_str())
+            .outcome(&r),
+    );
+    r?;
     Ok(Json(json!({"status": "moved"})))
 }
 
@@ -199,6 +235,7 @@ pub struct ChmodBody {
 
 pub async fn chmod(
     State(s): State<AppState>,
+    ctx: Ctx,
     Path(id): Path<String>,
     JsonBody(b): JsonBody<ChmodBody>,
 ) -> ApiResult<Json<Value>> {
@@ -207,6 +244,13 @@ pub async fn chmod(
         .mode
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::invalid("mode is required"))?;
-    s.engine.chmod(&id, &path, &mode).await?;
+    let r = s.engine.chmod(&id, &path, &mode).await;
+    s.engine.audit(
+        ctx.event("file.chmod", &id)
+            .detail("path", path.as_str())
+            .detail("mode", mode.as_str())
+            .outcome(&r),
+    );
+    r?;
     Ok(Json(json!({"status": "chmod applied"})))
 }

@@ -3,21 +3,28 @@
 //! Handlers only translate HTTP into calls on [`stacyvm_core::Engine`] and
 //! its answers back into JSON; they never talk to a runtime directly.
 
+mod audit;
 mod auth;
+mod ctx;
 mod error;
 mod exec;
 mod extract;
 mod files;
+mod keys;
+pub mod preview;
+mod quotas;
 mod sandboxes;
 mod system;
+mod templates;
 
 pub use error::{ApiError, ApiResult};
+pub use preview::Previews;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use stacyvm_core::{Engine, ErrorCode};
 use std::sync::Arc;
@@ -52,6 +59,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/sandboxes/{id}/extend", post(sandboxes::extend))
         .route("/sandboxes/{id}/logs", get(sandboxes::logs))
         .route("/sandboxes/{id}/stats", get(sandboxes::stats))
+        .route("/sandboxes/{id}/preview/{port}", get(preview::grant))
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route(
             "/sandboxes/{id}/files",
@@ -64,7 +72,27 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/sandboxes/{id}/files/stat", get(files::stat))
         .route("/sandboxes/{id}/files/glob", get(files::glob))
         .route("/sandboxes/{id}/files/move", post(files::move_file))
-        .route("/sandboxes/{id}/files/chmod", post(files::chmod));
+        .route("/sandboxes/{id}/files/chmod", post(files::chmod))
+        // governance: keys, quotas, audit, templates
+        .route("/keys", post(keys::create).get(keys::list))
+        .route("/keys/{id}", delete(keys::revoke))
+        .route("/quotas", get(quotas::list))
+        .route("/quotas/summary", get(quotas::summary))
+        .route(
+            "/quotas/{owner}",
+            get(quotas::get_one).put(quotas::put).delete(quotas::delete),
+        )
+        .route("/quotas/{owner}/usage", get(quotas::usage))
+        .route("/audit", get(audit::query))
+        .route("/audit/verify", get(audit::verify))
+        .route("/templates", post(templates::create).get(templates::list))
+        .route(
+            "/templates/{name}",
+            get(templates::get_one)
+                .put(templates::update)
+                .delete(templates::delete),
+        )
+        .route("/templates/{name}/spawn", post(templates::spawn));
 
     Router::new()
         .nest("/api/v1", api)
@@ -77,6 +105,18 @@ pub fn router(engine: Arc<Engine>) -> Router {
         ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// The main listener's service: requests for a preview host
+/// (`{port}-{id}.{preview_domain}`) go to the preview proxy, everything else
+/// to the API [`router`].
+pub fn app(engine: Arc<Engine>, previews: &Previews) -> Router {
+    Router::new()
+        .fallback_service(router(engine))
+        .layer(middleware::from_fn_with_state(
+            previews.clone(),
+            preview::intercept,
+        ))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -94,7 +134,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 }
 
 /// Request ids, access logging and status counters.
-async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -102,6 +142,10 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.is_ascii())
         .map(str::to_string)
         .unwrap_or_else(|| stacyvm_core::id::random_token(16));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        // Inner layers (auth, audit) read the id from the request.
+        req.headers_mut().insert("x-request-id", v);
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let start = std::time::Instant::now();

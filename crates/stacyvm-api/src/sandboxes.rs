@@ -1,5 +1,6 @@
 //! Sandbox lifecycle routes (API.md §3).
 
+use crate::ctx::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, Query, QueryPairs};
 use crate::AppState;
@@ -10,7 +11,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use stacyvm_core::clock::rfc3339_ms;
-use stacyvm_core::engine::CreateSandbox;
+use stacyvm_core::duration;
+use stacyvm_core::engine::{CreateSandbox, SpawnOverrides};
 use stacyvm_store::{SandboxFilter, SandboxRecord, SandboxState};
 
 /// The sandbox object of every create/get/list/extend answer.
@@ -50,55 +52,145 @@ pub fn sandbox_json(s: &AppState, r: &SandboxRecord) -> Value {
     v
 }
 
-/// Owner attribution: `X-User-ID`, else the body's `owner_id` (handled by
-/// the engine), else the key's identity when auth is on.
-fn owner_from(s: &AppState, headers: &HeaderMap) -> ApiResult<Option<String>> {
+/// `X-User-ID` when given. Owner names starting with `system` are the
+/// server's own (warm pools) and refused.
+pub fn owner_from(headers: &HeaderMap) -> ApiResult<Option<String>> {
     if let Some(v) = headers.get("x-user-id") {
         let v = v
             .to_str()
             .map_err(|_| ApiError::invalid("X-User-ID must be ASCII"))?;
         if !v.is_empty() {
+            if v.starts_with("system") {
+                return Err(ApiError::invalid(
+                    "owner ids starting with \"system\" are reserved",
+                ));
+            }
             return Ok(Some(v.to_string()));
         }
     }
-    let _ = s;
     Ok(None)
 }
 
-fn key_identity(s: &AppState) -> Option<&'static str> {
-    s.engine.config().api_key.as_ref().map(|_| "admin")
+/// Owner attribution (API.md §2): `X-User-ID`, else the body's `owner_id`,
+/// else the key's identity. Also records the creating key's identity and
+/// tenant on the request.
+pub fn with_identity(
+    ctx: &Ctx,
+    mut req: CreateSandbox,
+    owner: &Option<String>,
+) -> ApiResult<CreateSandbox> {
+    if req
+        .owner_id
+        .as_deref()
+        .is_some_and(|o| o.starts_with("system"))
+    {
+        return Err(ApiError::invalid(
+            "owner ids starting with \"system\" are reserved",
+        ));
+    }
+    if owner.is_none() && req.owner_id.as_deref().unwrap_or("").is_empty() {
+        req.owner_id = ctx.caller.identity.clone();
+    }
+    req.tenant = ctx.caller.tenant.clone();
+    req.creator = ctx.caller.identity.clone();
+    Ok(req)
 }
 
-fn with_identity(s: &AppState, mut req: CreateSandbox, owner: &Option<String>) -> CreateSandbox {
-    if owner.is_none() && req.owner_id.as_deref().unwrap_or("").is_empty() {
-        req.owner_id = key_identity(s).map(str::to_string);
-    }
-    req
+fn requested_template(req: &CreateSandbox) -> Option<String> {
+    req.template.clone().filter(|t| !t.is_empty())
 }
 
 pub async fn create(
     State(s): State<AppState>,
+    ctx: Ctx,
     headers: HeaderMap,
     JsonBody(req): JsonBody<CreateSandbox>,
 ) -> ApiResult<impl IntoResponse> {
-    let owner = owner_from(&s, &headers)?;
-    let req = with_identity(&s, req, &owner);
-    let rec = s.engine.create(&req, owner.as_deref()).await?;
+    let owner = owner_from(&headers)?;
+    let req = with_identity(&ctx, req, &owner)?;
+    let template = requested_template(&req);
+    let res = match &template {
+        Some(t) => s
+            .engine
+            .spawn_template(
+                t,
+                &SpawnOverrides::from_create(&req),
+                owner.as_deref(),
+                &ctx.caller,
+            )
+            .await
+            .map(|(r, warm)| (r, Some(warm))),
+        None => s
+            .engine
+            .create(&req, owner.as_deref())
+            .await
+            .map(|r| (r, None)),
+    };
+    audit_create(&s, &ctx, &req, owner.as_deref(), template.as_deref(), &res);
+    let (rec, _) = res?;
     Ok((StatusCode::CREATED, Json(sandbox_json(&s, &rec))))
+}
+
+/// Record a create (or spawn) in the audit log.
+pub fn audit_create(
+    s: &AppState,
+    ctx: &Ctx,
+    req: &CreateSandbox,
+    owner: Option<&str>,
+    template: Option<&str>,
+    res: &Result<(SandboxRecord, Option<bool>), stacyvm_core::Error>,
+) {
+    let target = res.as_ref().map_or("-", |(r, _)| r.id.as_str());
+    let owner = match res {
+        Ok((r, _)) => r.owner_id.clone(),
+        Err(_) => owner.map(str::to_string).or_else(|| req.owner_id.clone()),
+    };
+    let mut ev = ctx
+        .event("sandbox.create", target)
+        .owner(owner.as_deref())
+        .outcome(res);
+    match res {
+        Ok((r, warm)) => {
+            ev = ev
+                .detail("image", r.image.as_str())
+                .detail("provider", r.provider.as_str());
+            if let Some(w) = warm {
+                ev = ev.detail("warm", *w);
+            }
+        }
+        Err(e) => {
+            ev = ev.detail("error", e.message.chars().take(1024).collect::<String>());
+            if let Some(i) = req.image.as_deref() {
+                ev = ev.detail("image", i);
+            }
+        }
+    }
+    if let Some(t) = template {
+        ev = ev.detail("template", t);
+    }
+    s.engine.audit(ev);
 }
 
 pub async fn admission(
     State(s): State<AppState>,
+    ctx: Ctx,
     headers: HeaderMap,
     JsonBody(req): JsonBody<CreateSandbox>,
 ) -> ApiResult<Json<Value>> {
-    let owner = owner_from(&s, &headers)?;
-    let req = with_identity(&s, req, &owner);
+    let owner = owner_from(&headers)?;
+    let mut req = with_identity(&ctx, req, &owner)?;
+    if let Some(t) = requested_template(&req) {
+        req = s.engine.template_create_request(&t, &req).await?;
+    }
     let d = s.engine.admission(&req, owner.as_deref()).await?;
     Ok(Json(serde_json::to_value(d).unwrap_or(Value::Null)))
 }
 
-pub async fn list(State(s): State<AppState>, QueryPairs(q): QueryPairs) -> ApiResult<Json<Value>> {
+pub async fn list(
+    State(s): State<AppState>,
+    ctx: Ctx,
+    QueryPairs(q): QueryPairs,
+) -> ApiResult<Json<Value>> {
     let mut filter = SandboxFilter::default();
     for (k, v) in q {
         match k.as_str() {
@@ -121,7 +213,7 @@ pub async fn list(State(s): State<AppState>, QueryPairs(q): QueryPairs) -> ApiRe
             _ => {}
         }
     }
-    let list = s.engine.list(filter).await?;
+    let list = s.engine.list_visible(filter, &ctx.caller).await?;
     Ok(Json(Value::Array(
         list.iter().map(|r| sandbox_json(&s, r)).collect(),
     )))
@@ -132,13 +224,26 @@ pub async fn get_one(State(s): State<AppState>, Path(id): Path<String>) -> ApiRe
     Ok(Json(sandbox_json(&s, &rec)))
 }
 
-pub async fn destroy(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    s.engine.destroy(&id, "destroyed through the API").await?;
+pub async fn destroy(
+    State(s): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let r = s.engine.destroy(&id, "destroyed through the API").await;
+    s.engine.audit(
+        ctx.event("sandbox.destroy", &id)
+            .detail("reason", "api")
+            .outcome(&r),
+    );
+    r?;
     Ok(Json(json!({"status": "destroyed"})))
 }
 
-pub async fn prune(State(s): State<AppState>) -> ApiResult<Json<Value>> {
-    let n = s.engine.prune("pruned through the API").await?;
+pub async fn prune(State(s): State<AppState>, ctx: Ctx) -> ApiResult<Json<Value>> {
+    let n = s
+        .engine
+        .prune_as("pruned through the API", Some(&ctx.caller))
+        .await?;
     Ok(Json(json!({"pruned": n})))
 }
 
@@ -149,12 +254,23 @@ pub struct ExtendBody {
 
 pub async fn extend(
     State(s): State<AppState>,
+    ctx: Ctx,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ExtendBody>,
 ) -> ApiResult<Json<Value>> {
-    let ttl = body.ttl.unwrap_or_else(|| "30m".to_string());
-    let rec = s.engine.extend(&id, Some(&ttl)).await?;
-    Ok(Json(sandbox_json(&s, &rec)))
+    let mut ttl = body.ttl.unwrap_or_else(|| "30m".to_string());
+    // An owner's or key's max TTL caps the extension like the global one.
+    let cap = s.engine.ttl_cap(ctx.acl.as_deref());
+    if duration::parse(&ttl).is_ok_and(|d| d > cap) {
+        ttl = duration::format(cap);
+    }
+    let r = s.engine.extend(&id, Some(&ttl)).await;
+    s.engine.audit(
+        ctx.event("sandbox.extend", &id)
+            .detail("ttl", ttl.as_str())
+            .outcome(&r),
+    );
+    Ok(Json(sandbox_json(&s, &r?)))
 }
 
 #[derive(Deserialize)]

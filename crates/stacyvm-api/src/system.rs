@@ -98,8 +98,10 @@ pub async fn providers_test(State(s): State<AppState>) -> Json<Value> {
     Json(serde_json::to_value(res).unwrap_or(Value::Null))
 }
 
-pub async fn pool_status() -> Json<Value> {
-    Json(json!({"enabled": false}))
+/// `{"enabled": false}` unless a template keeps a warm pool; then
+/// `{"enabled": true, "templates": {name: {size, ready, warming}}}`.
+pub async fn pool_status(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(s.engine.pool_status().await?))
 }
 
 pub async fn metrics(State(s): State<AppState>) -> Response {

@@ -3,6 +3,7 @@
 //! Every field has an embedded default, so `stacyvm serve` runs with no file.
 
 use crate::duration;
+pub use crate::preview::PreviewAccess;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +56,10 @@ struct FileConfig {
     default_provider: Option<String>,
     api_key: Option<String>,
     preview_domain: Option<String>,
+    preview_listen: Option<String>,
+    preview_access: Option<String>,
+    preview_timeout: Option<String>,
+    preview_token_ttl: Option<String>,
     default_image: Option<String>,
     default_ttl: Option<String>,
     max_ttl: Option<String>,
@@ -72,6 +77,7 @@ struct FileConfig {
     reaper_interval: Option<String>,
     agent_path: Option<PathBuf>,
     log_format: Option<String>,
+    audit_log: Option<bool>,
     image_dir: Option<PathBuf>,
     insecure_registries: Option<Vec<String>>,
     docker: Option<DockerConfig>,
@@ -85,7 +91,20 @@ pub struct Config {
     pub default_provider: String,
     /// Bootstrap admin key; auth is on when set.
     pub api_key: Option<String>,
+    /// Live previews answer on `{port}-{id}.{preview_domain}`. May carry a
+    /// `:port` (then preview URLs use it as is).
     pub preview_domain: String,
+    /// A second listener that serves previews only (the main one serves
+    /// them too, by `Host`).
+    pub preview_listen: Option<String>,
+    /// Access to previews of sandboxes that do not choose: `None` = `public`
+    /// when the preview domain is `localhost`, else `token`.
+    pub preview_access: Option<PreviewAccess>,
+    /// How long a previewed app may take to send its response headers
+    /// (counted from the end of the request body).
+    pub preview_timeout: Duration,
+    /// Default lifetime of a preview token (capped by `max_ttl`).
+    pub preview_token_ttl: Duration,
     pub default_image: String,
     pub default_ttl: Duration,
     pub max_ttl: Duration,
@@ -109,6 +128,8 @@ pub struct Config {
     pub agent_path: Option<PathBuf>,
     /// `text` or `json`.
     pub log_format: String,
+    /// Record the audit trail (API.md §9); off only for measurements.
+    pub audit_log: bool,
     /// The native provider's image store; default `<data_dir>/images`.
     pub image_dir: Option<PathBuf>,
     /// Registries (`host:port`) pulled from over plain HTTP; loopback
@@ -142,6 +163,10 @@ impl Default for Config {
             default_provider: "native".to_string(),
             api_key: None,
             preview_domain: "localhost".to_string(),
+            preview_listen: None,
+            preview_access: None,
+            preview_timeout: Duration::from_secs(60),
+            preview_token_ttl: Duration::from_secs(3600),
             default_image: "python:3.12".to_string(),
             default_ttl: Duration::from_secs(30 * 60),
             max_ttl: Duration::from_secs(24 * 3600),
@@ -159,6 +184,7 @@ impl Default for Config {
             reaper_interval: Duration::from_millis(500),
             agent_path: None,
             log_format: "text".to_string(),
+            audit_log: true,
             image_dir: None,
             insecure_registries: Vec::new(),
             docker: DockerConfig::default(),
@@ -238,6 +264,7 @@ impl Config {
         set!(max_body_bytes);
         set!(output_limit_bytes);
         set!(log_format);
+        set!(audit_log);
         set!(docker);
         set_dur!(default_ttl);
         set_dur!(max_ttl);
@@ -245,6 +272,14 @@ impl Config {
         set_dur!(max_exec_timeout);
         set_dur!(start_timeout);
         set_dur!(reaper_interval);
+        set_dur!(preview_timeout);
+        set_dur!(preview_token_ttl);
+        if let Some(v) = f.preview_listen {
+            self.preview_listen = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = f.preview_access {
+            self.preview_access = Some(access("preview_access", &v)?);
+        }
         if f.api_key.is_some() {
             self.api_key = f.api_key;
         }
@@ -270,6 +305,16 @@ impl Config {
             "DEFAULT_PROVIDER" => self.default_provider = v.to_string(),
             "API_KEY" => self.api_key = (!v.is_empty()).then(|| v.to_string()),
             "PREVIEW_DOMAIN" => self.preview_domain = v.to_string(),
+            "PREVIEW_LISTEN" => self.preview_listen = (!v.is_empty()).then(|| v.to_string()),
+            "PREVIEW_ACCESS" => {
+                self.preview_access = if v.is_empty() {
+                    None
+                } else {
+                    Some(access(key, v)?)
+                }
+            }
+            "PREVIEW_TIMEOUT" => self.preview_timeout = dur(key, v)?,
+            "PREVIEW_TOKEN_TTL" => self.preview_token_ttl = dur(key, v)?,
             "DEFAULT_IMAGE" => self.default_image = v.to_string(),
             "DEFAULT_TTL" => self.default_ttl = dur(key, v)?,
             "MAX_TTL" => self.max_ttl = dur(key, v)?,
@@ -287,6 +332,13 @@ impl Config {
             "REAPER_INTERVAL" => self.reaper_interval = dur(key, v)?,
             "AGENT_PATH" => self.agent_path = Some(PathBuf::from(v)),
             "LOG_FORMAT" => self.log_format = v.to_string(),
+            "AUDIT_LOG" => {
+                self.audit_log = match v.trim() {
+                    "1" | "true" | "on" | "yes" => true,
+                    "0" | "false" | "off" | "no" => false,
+                    _ => return Err(invalid(key, format!("{v:?} is not true or false"))),
+                }
+            }
             "IMAGE_DIR" => self.image_dir = Some(PathBuf::from(v)),
             "INSECURE_REGISTRIES" => {
                 self.insecure_registries = v
@@ -342,11 +394,45 @@ impl Config {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(invalid("log_format", "must be \"text\" or \"json\""));
         }
-        if self.preview_domain.is_empty() {
-            return Err(invalid("preview_domain", "must not be empty"));
+        if crate::preview::Domain::parse(&self.preview_domain).is_none() {
+            return Err(invalid(
+                "preview_domain",
+                format!(
+                    "{:?} is not a host name like preview.example.com (optionally with :port)",
+                    self.preview_domain
+                ),
+            ));
+        }
+        if let Some(l) = &self.preview_listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "preview_listen",
+                    format!("{l:?} is not an address like 0.0.0.0:8080"),
+                ));
+            }
+        }
+        if self.preview_timeout.is_zero() {
+            return Err(invalid("preview_timeout", "must be positive"));
+        }
+        if self.preview_token_ttl.is_zero() {
+            return Err(invalid("preview_token_ttl", "must be positive"));
         }
         Ok(())
     }
+
+    /// The effective preview access of sandboxes that do not choose.
+    pub fn default_preview_access(&self) -> PreviewAccess {
+        self.preview_access.unwrap_or_else(|| {
+            match crate::preview::Domain::parse(&self.preview_domain) {
+                Some(d) if d.host == "localhost" => PreviewAccess::Public,
+                _ => PreviewAccess::Token,
+            }
+        })
+    }
+}
+
+fn access(name: &str, v: &str) -> Result<PreviewAccess, ConfigError> {
+    PreviewAccess::parse(v).ok_or_else(|| invalid(name, "must be \"token\" or \"public\""))
 }
 
 #[cfg(test)]
@@ -367,6 +453,44 @@ mod tests {
         assert_eq!(c.default_provider, "native");
         assert!(c.api_key.is_none());
         assert_eq!(c.preview_domain, "localhost");
+        assert_eq!(c.default_preview_access(), PreviewAccess::Public);
+        assert_eq!(c.preview_timeout, Duration::from_secs(60));
+        assert!(c.preview_listen.is_none());
+    }
+
+    #[test]
+    fn preview_settings() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("STACYVM_PREVIEW_DOMAIN", "Preview.Test:8080"),
+                ("STACYVM_PREVIEW_LISTEN", "127.0.0.1:8080"),
+                ("STACYVM_PREVIEW_TIMEOUT", "2s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.default_preview_access(), PreviewAccess::Token);
+        assert_eq!(c.preview_timeout, Duration::from_secs(2));
+        assert_eq!(c.preview_listen.as_deref(), Some("127.0.0.1:8080"));
+        let c = Config::load(
+            None,
+            env(&[
+                ("STACYVM_PREVIEW_DOMAIN", "localhost:7423"),
+                ("STACYVM_PREVIEW_ACCESS", "token"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.default_preview_access(), PreviewAccess::Token);
+        for bad in [
+            ("STACYVM_PREVIEW_ACCESS", "open"),
+            ("STACYVM_PREVIEW_DOMAIN", "a b"),
+            ("STACYVM_PREVIEW_DOMAIN", "x.test:99999"),
+            ("STACYVM_PREVIEW_DOMAIN", ""),
+            ("STACYVM_PREVIEW_LISTEN", "nowhere"),
+            ("STACYVM_PREVIEW_TIMEOUT", "0"),
+        ] {
+            assert!(Config::load(None, env(&[bad])).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

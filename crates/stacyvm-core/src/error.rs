@@ -116,6 +116,8 @@ impl From<StoreError> for Error {
             StoreError::CapacityExceeded { .. } => {
                 Error::new(ErrorCode::QuotaExceeded, e.to_string())
             }
+            StoreError::QuotaExceeded(m) => Error::new(ErrorCode::QuotaExceeded, m),
+            StoreError::Conflict(m) => Error::new(ErrorCode::Conflict, m),
             StoreError::NotFound(id) => Error::sandbox_not_found(&id),
             StoreError::IllegalTransition { .. } => Error::new(ErrorCode::Conflict, e.to_string()),
             StoreError::Db(_) | StoreError::Corrupt(_) => {

@@ -6,14 +6,17 @@
 //! to each sandbox's agent. The API layer only translates HTTP into calls on
 //! the engine.
 
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod engine;
 pub mod error;
+pub mod governance;
 pub mod id;
 pub mod images;
 pub mod metrics;
+pub mod preview;
 pub mod setup;
 
 pub use config::Config;

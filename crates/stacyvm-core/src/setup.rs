@@ -1,5 +1,6 @@
 //! Bringing a server up: data directory, store, agent binary, providers.
 
+use crate::audit::AuditSink;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::Error;
@@ -10,7 +11,7 @@ use stacyvm_providers::docker::{DockerOptions, DockerProvider, PullPolicy};
 use stacyvm_providers::Provider;
 use stacyvm_store::Store;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Where the agent binary is looked for when the config names none.
 fn agent_candidates() -> Vec<PathBuf> {
@@ -140,7 +141,11 @@ pub fn open_image_store(cfg: &Config) -> Result<ImageStore, Error> {
     .map_err(|e| Error::invalid(format!("image store {}: {e}", cfg.image_dir().display())))
 }
 
-fn native_provider(cfg: &Config, instance_id: &str) -> Result<NativeProvider, Error> {
+fn native_provider(
+    cfg: &Config,
+    instance_id: &str,
+    audit: Arc<OnceLock<AuditSink>>,
+) -> Result<NativeProvider, Error> {
     let store = open_image_store(cfg)?;
     let exe = std::env::current_exe()
         .map_err(|e| Error::internal(format!("cannot find the server executable: {e}")))?;
@@ -149,7 +154,7 @@ fn native_provider(cfg: &Config, instance_id: &str) -> Result<NativeProvider, Er
         instance_id: instance_id.to_string(),
         init_exe: exe,
         init_args: vec!["__sandbox-init".to_string()],
-        rootfs: Arc::new(StoreRootfs { store }),
+        rootfs: Arc::new(StoreRootfs { store, audit }),
     })
     .map_err(Error::from)
 }
@@ -198,12 +203,15 @@ pub async fn build_engine(cfg: Config) -> Result<Arc<Engine>, Error> {
         Ok(d) => providers.push(Arc::new(d)),
         Err(e) => tracing::warn!(error = %e, "docker provider unavailable"),
     }
-    match native_provider(&cfg, &instance_id) {
+    let pull_audit = Arc::new(OnceLock::new());
+    match native_provider(&cfg, &instance_id, pull_audit.clone()) {
         Ok(n) => providers.push(Arc::new(n)),
         Err(e) => tracing::warn!(error = %e, "native provider unavailable"),
     }
     tracing::info!(instance = %instance_id, data_dir = %cfg.data_dir.display(), agent = %agent.display(), "engine ready");
-    Engine::new(cfg, store, providers, agent)
+    let engine = Engine::new(cfg, store, providers, agent)?;
+    let _ = pull_audit.set(engine.audit_sink());
+    Ok(engine)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 pub use hyper::body::Incoming;
+pub use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use stacyvm_agent_proto::{
@@ -20,6 +21,9 @@ use tokio::net::UnixStream;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request body the agent client can send (JSON, or a streamed upload).
 pub type AgentBody = UnsyncBoxBody<Bytes, BoxError>;
+/// An open `GET /v1/tunnel` connection: a raw byte pipe to a TCP port on the
+/// sandbox's loopback (tokio `AsyncRead + AsyncWrite`).
+pub type Tunnel = TokioIo<Upgraded>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -316,6 +320,46 @@ impl AgentClient {
 
     pub async fn stats(&self) -> Result<Stats, AgentError> {
         self.call_json(Method::GET, "/v1/stats", empty()).await
+    }
+
+    /// `GET /v1/tunnel?port=`: a byte pipe to `127.0.0.1:port` inside the
+    /// sandbox. A port nobody listens on is [`AgentError::Status`] with code
+    /// `port_closed` (502).
+    pub async fn tunnel(&self, port: u16) -> Result<Tunnel, AgentError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| AgentError::Unreachable(format!("{}: {e}", self.socket.display())))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "agent tunnel connection ended with an error");
+            }
+        });
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("/v1/tunnel?port={port}"))
+            .header(http::header::HOST, "agent")
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, stacyvm_agent_proto::TUNNEL_UPGRADE)
+            .body(empty())
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let resp = Self::check(resp).await?;
+            return Err(AgentError::Protocol(format!(
+                "the agent answered {} instead of switching to the tunnel",
+                resp.status()
+            )));
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| AgentError::Unreachable(format!("tunnel upgrade failed: {e}")))?;
+        Ok(TokioIo::new(upgraded))
     }
 }
 

@@ -129,6 +129,7 @@ pub fn agent_capabilities(extra: &[&str]) -> Vec<String> {
         "cpu_limit",
         "pids_limit",
         "network_none",
+        "preview",
     ]
     .iter()
     .chain(extra)

@@ -9,9 +9,17 @@
 //! call is a short transaction. Callers on an async runtime should call it
 //! from a blocking-capable context (the control plane wraps it).
 
+pub mod audit;
+pub mod keys;
 mod model;
+pub mod quotas;
+pub mod templates;
 
+pub use audit::{AuditFilter, AuditRecord, AuditVerify, NewAudit};
+pub use keys::KeyRecord;
 pub use model::{SandboxRecord, SandboxState};
+pub use quotas::{AdmissionReport, QuotaLimits, QuotaRecord, SubjectUsage, Usage};
+pub use templates::TemplateRow;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::collections::BTreeMap;
@@ -36,6 +44,12 @@ pub enum StoreError {
     },
     #[error("sandbox {0} not found")]
     NotFound(String),
+    /// Admission refused by an owner's or key's quota (the message names it).
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// A unique name is taken (templates).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -48,6 +62,12 @@ pub struct SandboxFilter {
     /// Every `(key, value)` must be present in the metadata.
     pub labels: Vec<(String, String)>,
     pub include_destroyed: bool,
+    /// Only sandboxes created by a key of this tenant.
+    pub tenant: Option<String>,
+    /// Only sandboxes created by a key of this identity.
+    pub creator: Option<String>,
+    /// Also list sandboxes waiting in a template's warm pool.
+    pub include_pooled: bool,
 }
 
 pub struct Store {
@@ -89,7 +109,39 @@ CREATE INDEX IF NOT EXISTS sandbox_events_sb ON sandbox_events(sandbox_id, seq);
 "#;
 
 const COLUMNS: &str = "id, state, provider, image, memory_mb, vcpus, owner_id, template, network, \
-     metadata, env, created_at, expires_at, updated_at, error, runtime_id";
+     metadata, env, created_at, expires_at, updated_at, error, runtime_id, tenant, creator, pool";
+
+/// Columns added after the first schema: `(table, column, type)`.
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("sandboxes", "tenant", "TEXT"),
+    ("sandboxes", "creator", "TEXT"),
+    ("sandboxes", "pool", "TEXT"),
+    ("sandboxes", "pool_ready", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// Bring an existing database up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    for (table, column, ty) in ADDED_COLUMNS {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt
+            .query_map([], |r| r.get::<_, String>(1))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        if !names.iter().any(|n| n == column) {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+        }
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS sandboxes_owner ON sandboxes(owner_id);
+         CREATE INDEX IF NOT EXISTS sandboxes_creator ON sandboxes(creator);
+         CREATE INDEX IF NOT EXISTS sandboxes_pool ON sandboxes(pool);",
+    )?;
+    conn.execute_batch(keys::SCHEMA)?;
+    conn.execute_batch(quotas::SCHEMA)?;
+    conn.execute_batch(audit::SCHEMA)?;
+    conn.execute_batch(templates::SCHEMA)?;
+    Ok(())
+}
 
 fn row_to_record(row: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String, String, String)> {
     let state: String = row.get(1)?;
@@ -112,6 +164,9 @@ fn row_to_record(row: &Row<'_>) -> rusqlite::Result<(SandboxRecord, String, Stri
         updated_at_ms: row.get(13)?,
         error: row.get(14)?,
         runtime_id: row.get(15)?,
+        tenant: row.get(16)?,
+        creator: row.get(17)?,
+        pool: row.get(18)?,
     };
     Ok((rec, state, metadata, env))
 }
@@ -132,7 +187,38 @@ fn to_json(m: &BTreeMap<String, String>) -> String {
     serde_json::to_string(m).unwrap_or_else(|_| "{}".to_string())
 }
 
-fn active_states_sql() -> String {
+fn insert_sandbox(tx: &Connection, rec: &SandboxRecord) -> Result<()> {
+    tx.execute(
+        &format!(
+            "INSERT INTO sandboxes ({COLUMNS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+        ),
+        params![
+            rec.id,
+            rec.state.as_str(),
+            rec.provider,
+            rec.image,
+            rec.memory_mb as i64,
+            rec.vcpus as i64,
+            rec.owner_id,
+            rec.template,
+            rec.network,
+            to_json(&rec.metadata),
+            to_json(&rec.env),
+            rec.created_at_ms,
+            rec.expires_at_ms,
+            rec.updated_at_ms,
+            rec.error,
+            rec.runtime_id,
+            rec.tenant,
+            rec.creator,
+            rec.pool,
+        ],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn active_states_sql() -> String {
     SandboxState::ACTIVE
         .iter()
         .map(|s| format!("'{}'", s.as_str()))
@@ -148,7 +234,19 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Open an existing database without changing it (`stacyvm audit verify`).
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -157,7 +255,7 @@ impl Store {
     /// A private in-memory store (unit tests).
     pub fn open_in_memory() -> Result<Store> {
         let conn = Connection::open_in_memory()?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -199,50 +297,30 @@ impl Store {
 
     /// Admit and store a new sandbox in one atomic step: fails with
     /// [`StoreError::CapacityExceeded`] when `max_active` sandboxes are
-    /// already active.
+    /// already active, and with [`StoreError::QuotaExceeded`] when the
+    /// quota of its owner or of the key identity that creates it
+    /// (`creator`) would be passed. Quotas are read in the same
+    /// `BEGIN IMMEDIATE` transaction, so parallel creates cannot over-admit.
     pub fn admit_sandbox(&self, rec: &SandboxRecord, max_active: u64) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let active: i64 = tx.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM sandboxes WHERE state IN ({})",
-                active_states_sql()
-            ),
-            [],
-            |r| r.get(0),
-        )?;
-        if active as u64 >= max_active {
-            return Err(StoreError::CapacityExceeded {
-                active: active as u64,
-                max: max_active,
-            });
+        let report = quotas::evaluate(&tx, rec, max_active, false)?;
+        if let Some(refusal) = report.refusal {
+            return Err(refusal);
         }
-        tx.execute(
-            &format!(
-                "INSERT INTO sandboxes ({COLUMNS}) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
-            ),
-            params![
-                rec.id,
-                rec.state.as_str(),
-                rec.provider,
-                rec.image,
-                rec.memory_mb as i64,
-                rec.vcpus as i64,
-                rec.owner_id,
-                rec.template,
-                rec.network,
-                to_json(&rec.metadata),
-                to_json(&rec.env),
-                rec.created_at_ms,
-                rec.expires_at_ms,
-                rec.updated_at_ms,
-                rec.error,
-                rec.runtime_id,
-            ],
-        )?;
+        insert_sandbox(&tx, rec)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// The admission decision for `rec` as [`Store::admit_sandbox`] would
+    /// take it now, without storing anything.
+    pub fn check_admission(&self, rec: &SandboxRecord, max_active: u64) -> Result<AdmissionReport> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let report = quotas::evaluate(&tx, rec, max_active, false)?;
+        tx.commit()?;
+        Ok(report)
     }
 
     pub fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRecord>> {
@@ -272,6 +350,17 @@ impl Store {
         if let Some(state) = filter.state {
             args.push(state.as_str().to_string());
             sql.push_str(&format!(" AND state = ?{}", args.len()));
+        }
+        if let Some(tenant) = &filter.tenant {
+            args.push(tenant.clone());
+            sql.push_str(&format!(" AND tenant = ?{}", args.len()));
+        }
+        if let Some(creator) = &filter.creator {
+            args.push(creator.clone());
+            sql.push_str(&format!(" AND creator = ?{}", args.len()));
+        }
+        if !filter.include_pooled {
+            sql.push_str(" AND pool IS NULL");
         }
         sql.push_str(" ORDER BY created_at DESC, id DESC");
         let mut stmt = conn.prepare(&sql)?;
@@ -446,6 +535,9 @@ mod tests {
             updated_at_ms: created,
             error: None,
             runtime_id: None,
+            tenant: None,
+            creator: None,
+            pool: None,
         }
     }
 

@@ -117,6 +117,12 @@ pub struct SandboxRecord {
     pub updated_at_ms: i64,
     pub error: Option<String>,
     pub runtime_id: Option<String>,
+    /// Tenant of the API key that created it (visibility boundary).
+    pub tenant: Option<String>,
+    /// Identity of the API key that created it (per-key quotas).
+    pub creator: Option<String>,
+    /// Template whose warm pool holds it; `None` once claimed (or never pooled).
+    pub pool: Option<String>,
 }
 
 #[cfg(test)]

@@ -3,6 +3,11 @@
 //! (`docker exec`, `docker run`, `docker cp`), the Docker provider, and raw
 //! namespace launches (`bwrap`, `unshare`) of the same command.
 //!
+//! Live previews are measured against the same app fetched from inside the
+//! sandbox: one client script, run once inside the sandbox against
+//! `127.0.0.1:{port}` and once on the host through the proxy
+//! (`{port}-{id}.{preview_domain}` on the server's address).
+//!
 //! Without `--target` it starts a private server (this binary, `serve`) on a
 //! loopback port with a temporary data directory (sharing the regular image
 //! store, so images stay warm), and stops it afterwards.
@@ -54,12 +59,20 @@ pub struct BenchArgs {
     /// create→first exec iterations of the Docker provider (and `docker run`).
     #[arg(long, default_value_t = 15)]
     docker_create_iterations: usize,
+    /// Spawns from a template with a warm pool (and plain creates to
+    /// compare) on the native provider.
+    #[arg(long, default_value_t = 50)]
+    spawn_iterations: usize,
     /// Size of the transfer test file in MiB.
     #[arg(long, default_value_t = 64)]
     transfer_mib: usize,
     /// Transfer repetitions each way.
     #[arg(long, default_value_t = 3)]
     transfer_iterations: usize,
+    /// Sequential GETs each way (direct in the sandbox, through the preview
+    /// proxy) on the native provider; 0 skips the preview measurement.
+    #[arg(long, default_value_t = 500)]
+    preview_iterations: usize,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -280,6 +293,70 @@ async fn create_series(c: &Client, image: &str, provider: &str, n: usize) -> Res
     Ok(out)
 }
 
+/// Ready sandboxes in a template's warm pool.
+async fn pool_ready(c: &Client, name: &str) -> Result<u64> {
+    let st = c.json(Method::GET, "/api/v1/pool/status", None).await?;
+    Ok(st["templates"][name]["ready"].as_u64().unwrap_or(0))
+}
+
+/// Spawn from a template with a warm pool (its refill waited for, untimed)
+/// and plain creates of the same image, `n` times each; ms to the 201.
+async fn template_spawn_series(
+    c: &Client,
+    image: &str,
+    provider: &str,
+    n: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let name = format!("bench-warm-{}", std::process::id());
+    let pool = 4;
+    c.json(
+        Method::POST,
+        "/api/v1/templates",
+        Some(&json!({"name": name, "image": image, "provider": provider, "ttl": "15m", "pool_size": pool})),
+    )
+    .await?;
+    let result = async {
+        let wait_ready = |min: u64| {
+            let name = name.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while pool_ready(c, &name).await? < min {
+                    if Instant::now() > deadline {
+                        bail!("the warm pool of {name} did not fill");
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok::<(), anyhow::Error>(())
+            }
+        };
+        wait_ready(pool).await?;
+        let (mut warm, mut plain) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..n {
+            wait_ready(1).await?;
+            let t = Instant::now();
+            let sb = c
+                .json(
+                    Method::POST,
+                    &format!("/api/v1/templates/{name}/spawn"),
+                    None,
+                )
+                .await?;
+            warm.push(ms(t.elapsed()));
+            destroy(c, sb["id"].as_str().context("spawn answered no id")?).await?;
+            let t = Instant::now();
+            let id = create(c, image, provider).await?;
+            plain.push(ms(t.elapsed()));
+            destroy(c, &id).await?;
+        }
+        Ok((warm, plain))
+    }
+    .await;
+    let _ = c
+        .json(Method::DELETE, &format!("/api/v1/templates/{name}"), None)
+        .await;
+    result
+}
+
 /// Upload and download `data` `n` times each; MiB/s.
 async fn transfer_series(
     c: &Client,
@@ -427,6 +504,183 @@ fn peer_rootfs(image_dir: &std::path::Path, image: &str) -> Result<PathBuf> {
     // Single-layer images are the common case for this measurement; with
     // several layers the bottom one holds /bin/true.
     info.layers.first().cloned().context("image has no layers")
+}
+
+/// The app whose previews are measured: HTTP/1.1 keep-alive, 1 KiB answers.
+const PREVIEW_APP: &str = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+BODY = b"x" * 1024
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// The client, run inside the sandbox (direct) and on the host (proxy):
+/// argv host port host-header token n mode; prints per-request ms as JSON.
+/// mode `keepalive`: one connection; `close`: a new connection per request.
+const PREVIEW_CLIENT: &str = r#"
+import http.client, json, sys, time
+host, port, hh, token, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6]
+headers = {"Host": hh}
+if token:
+    headers["X-Preview-Token"] = token
+conn = None
+def get():
+    global conn
+    if conn is None:
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+    h = dict(headers)
+    if mode == "close":
+        h["Connection"] = "close"
+    conn.request("GET", "/", headers=h)
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status == 200 and len(body) == 1024, (r.status, body[:200])
+    if mode == "close":
+        conn.close()
+        conn = None
+for _ in range(min(50, n)):
+    get()
+out = []
+for _ in range(n):
+    t = time.perf_counter()
+    get()
+    out.append((time.perf_counter() - t) * 1000)
+print(json.dumps(out))
+"#;
+
+const PREVIEW_PORT: u16 = 8080;
+
+async fn exec_ok(c: &Client, id: &str, command: &str, timeout: &str) -> Result<String> {
+    let r = c
+        .json(
+            Method::POST,
+            &format!("/api/v1/sandboxes/{id}/exec"),
+            Some(&json!({"command": command, "timeout": timeout})),
+        )
+        .await?;
+    if r["exit_code"].as_i64() != Some(0) {
+        bail!("`{command}` in the sandbox failed: {r}");
+    }
+    Ok(r["stdout"].as_str().unwrap_or_default().to_string())
+}
+
+fn parse_samples(out: &str) -> Result<Vec<f64>> {
+    serde_json::from_str(out.trim()).with_context(|| format!("client printed {out:?}"))
+}
+
+/// Per-request latency (ms) of the same GET fetched directly inside the
+/// sandbox and through the preview proxy: (direct, proxied) per mode.
+async fn preview_series(
+    c: &Client,
+    url: &str,
+    image: &str,
+    n: usize,
+) -> Result<Vec<(&'static str, Vec<f64>, Vec<f64>)>> {
+    // Every host CPU, so that the in-sandbox client is not slowed by the
+    // sandbox's CPU quota (the proxied client runs on the host).
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let sb = c
+        .json(
+            Method::POST,
+            "/api/v1/sandboxes",
+            Some(
+                &json!({"image": image, "provider": "native", "ttl": "15m", "vcpus": vcpus,
+                "metadata": {"purpose": "bench"}}),
+            ),
+        )
+        .await?;
+    let id = sb["id"]
+        .as_str()
+        .context("create answered no id")?
+        .to_string();
+    let res = async {
+        for (path, content) in [
+            ("/workspace/bench_app.py", PREVIEW_APP),
+            ("/workspace/bench_client.py", PREVIEW_CLIENT),
+        ] {
+            c.json(
+                Method::POST,
+                &format!("/api/v1/sandboxes/{id}/files"),
+                Some(&json!({"path": path, "content": content})),
+            )
+            .await?;
+        }
+        exec_ok(
+            c,
+            &id,
+            &format!(
+                "nohup python3 /workspace/bench_app.py {PREVIEW_PORT} >/tmp/app.log 2>&1 & \
+                 for i in $(seq 100); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {PREVIEW_PORT}), 1)' 2>/dev/null && exit 0; sleep 0.1; done; exit 1"
+            ),
+            "30s",
+        )
+        .await?;
+        let g = c
+            .json(
+                Method::GET,
+                &format!("/api/v1/sandboxes/{id}/preview/{PREVIEW_PORT}"),
+                None,
+            )
+            .await?;
+        let token = g["token"].as_str().unwrap_or_default().to_string();
+        let preview_host = g["url"]
+            .as_str()
+            .and_then(|u| u.strip_prefix("http://"))
+            .context("preview grant without url")?
+            .to_string();
+        // The proxy is reached on the server's own address, by Host.
+        let server = url
+            .strip_prefix("http://")
+            .context("the bench target must be an http:// URL")?;
+        let (shost, sport) = server
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .context("the bench target needs a port")?;
+        let client_path = std::env::temp_dir().join(format!("stacyvm-bench-{}.py", std::process::id()));
+        std::fs::write(&client_path, PREVIEW_CLIENT)?;
+        let mut out = Vec::new();
+        for mode in ["keepalive", "close"] {
+            let direct = exec_ok(
+                c,
+                &id,
+                &format!(
+                    "python3 /workspace/bench_client.py 127.0.0.1 {PREVIEW_PORT} localhost:{PREVIEW_PORT} '' {n} {mode}"
+                ),
+                "10m",
+            )
+            .await?;
+            let proxied = Command::new("python3")
+                .arg(&client_path)
+                .args([shost, sport, &preview_host, &token, &n.to_string(), mode])
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running python3 on the host (preview client)")?;
+            if !proxied.status.success() {
+                bail!("the preview client on the host failed");
+            }
+            out.push((
+                mode,
+                parse_samples(&direct)?,
+                parse_samples(&String::from_utf8_lossy(&proxied.stdout))?,
+            ));
+        }
+        let _ = std::fs::remove_file(&client_path);
+        Ok::<_, anyhow::Error>(out)
+    }
+    .await;
+    let _ = destroy(c, &id).await;
+    res
 }
 
 pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
@@ -626,6 +880,59 @@ pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
                 true,
             ));
             eprintln!("  native: create → first exec done");
+
+            if a.spawn_iterations > 0 {
+                let (warm, plain) =
+                    template_spawn_series(&c, &a.image, "native", a.spawn_iterations).await?;
+                rows.push(row(
+                    "spawn from template, warm pool [native]".into(),
+                    "ms",
+                    &warm,
+                    "plain create",
+                    &plain,
+                    true,
+                ));
+                eprintln!("  native: warm-pool spawns done");
+            }
+
+            if a.preview_iterations > 0 {
+                for (mode, direct, proxied) in
+                    preview_series(&c, &url, &a.image, a.preview_iterations).await?
+                {
+                    let what = if mode == "close" {
+                        "new connection each"
+                    } else {
+                        "keep-alive"
+                    };
+                    let rps = |v: &[f64]| 1000.0 * v.len() as f64 / v.iter().sum::<f64>();
+                    let r = row(
+                        format!("preview GET 1 KiB, {what} [native]"),
+                        "ms",
+                        &proxied,
+                        "direct in sandbox",
+                        &direct,
+                        true,
+                    );
+                    eprintln!(
+                        "  preview ({what}): proxy p50 {:.3} ms vs direct {:.3} ms: +{:.3} ms added; {:.0} vs {:.0} req/s (sequential)",
+                        r.ours.p50,
+                        r.peer.p50,
+                        r.ours.p50 - r.peer.p50,
+                        rps(&proxied),
+                        rps(&direct)
+                    );
+                    rows.push(r);
+                    rows.push(row(
+                        format!("preview req/s, {what} [native]"),
+                        "req/s",
+                        &[rps(&proxied)],
+                        "direct in sandbox",
+                        &[rps(&direct)],
+                        false,
+                    ));
+                }
+                eprintln!("  native: preview proxy done");
+            }
 
             if a.idle_sandboxes > 0 {
                 let (charged, host) = idle_memory(&c, &a.image, "native", a.idle_sandboxes).await?;

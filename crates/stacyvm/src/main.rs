@@ -1,5 +1,6 @@
 //! `stacyvm`: the server (`serve`) and a command-line client for it.
 
+mod audit_cmd;
 mod bench;
 mod client;
 mod commands;
@@ -67,6 +68,11 @@ enum Command {
     /// Measure exec latency, create→first exec and file throughput against
     /// Docker's own CLI in the same run.
     Bench(bench::BenchArgs),
+    /// The audit log: `stacyvm audit verify` checks its hash chain.
+    Audit {
+        #[command(subcommand)]
+        cmd: audit_cmd::AuditCmd,
+    },
 }
 
 fn main() {
@@ -106,8 +112,27 @@ fn main() {
                 } => {
                     let cfg = stacyvm_core::Config::load(config.as_deref(), std::env::vars())?;
                     insecure_registries.extend(cfg.insecure_registries.iter().cloned());
-                    image_cmd::run(cmd, cfg.image_dir(), insecure_registries).await
+                    let audited = match &cmd {
+                        image_cmd::ImageCmd::Pull { reference } => {
+                            Some(("image.pull", reference.clone()))
+                        }
+                        image_cmd::ImageCmd::Import { name, .. } => {
+                            Some(("image.import", name.clone()))
+                        }
+                        _ => None,
+                    };
+                    let r = image_cmd::run(cmd, cfg.image_dir(), insecure_registries).await;
+                    if let Some((action, target)) = audited {
+                        audit_cmd::record_cli_action(
+                            &cfg.data_dir,
+                            action,
+                            &target,
+                            matches!(r, Ok(0)),
+                        );
+                    }
+                    r
                 }
+                Command::Audit { cmd } => audit_cmd::run(cmd, client).await,
                 Command::Bench(a) => bench::run(a, cli.api_key.clone()).await,
             }
         }

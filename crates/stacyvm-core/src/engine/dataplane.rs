@@ -17,7 +17,7 @@ impl Engine {
     }
 
     /// The agent of a running sandbox, or the right error for its state.
-    async fn agent(&self, id: &str) -> Result<AgentClient, Error> {
+    pub(super) async fn agent(&self, id: &str) -> Result<AgentClient, Error> {
         if let Some(agent) = self.live_agent(id) {
             return Ok(agent);
         }
@@ -35,7 +35,7 @@ impl Engine {
 
     /// Map an agent failure: a sandbox that disappeared meanwhile is a 404;
     /// an unreachable agent of a sandbox whose runtime is gone marks it `error`.
-    async fn agent_failed(&self, id: &str, e: AgentError) -> Error {
+    pub(super) async fn agent_failed(&self, id: &str, e: AgentError) -> Error {
         match e {
             AgentError::Status { .. } => e.into(),
             other => {

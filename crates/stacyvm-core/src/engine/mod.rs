@@ -15,7 +15,17 @@
 //! (exec and files through the agents).
 
 mod dataplane;
+mod gov;
+mod preview;
 mod reconcile;
+mod templates;
+
+pub use gov::{NewKey, QuotaInput, QuotaSummary, UsageReport};
+pub use templates::{
+    SpawnOverrides, Template, TemplateFile, TemplateInfo, TemplateInput, MAX_POOL_SIZE,
+};
+
+pub use preview::{PreviewGrant, TunnelError};
 
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -23,6 +33,7 @@ use crate::duration;
 use crate::error::{Error, ErrorCode};
 use crate::id;
 use crate::metrics::Metrics;
+use crate::preview::PreviewAccess;
 use serde::Deserialize;
 use stacyvm_agent_proto::path;
 use stacyvm_providers::agent::AgentClient;
@@ -46,6 +57,19 @@ pub struct CreateSandbox {
     pub template: Option<String>,
     pub network: Option<String>,
     pub env: Option<BTreeMap<String, String>>,
+    /// Set by the server, never read from the body: the creating key's
+    /// tenant and identity, the template it comes from, the warm pool that
+    /// will hold it.
+    #[serde(skip)]
+    pub tenant: Option<String>,
+    #[serde(skip)]
+    pub creator: Option<String>,
+    #[serde(skip)]
+    pub from_template: Option<String>,
+    #[serde(skip)]
+    pub pool: Option<String>,
+    /// Live preview access: `public` or `token` (kept as metadata `preview`).
+    pub preview: Option<String>,
 }
 
 /// Body of `POST /api/v1/sandboxes/{id}/exec`.
@@ -96,6 +120,8 @@ pub struct ProviderStatus {
 /// A sandbox that is running and reachable through its agent.
 struct Live {
     agent: AgentClient,
+    /// The sandbox's own choice of preview access (metadata `preview`).
+    preview: Option<PreviewAccess>,
 }
 
 pub struct Engine {
@@ -106,7 +132,10 @@ pub struct Engine {
     live: RwLock<HashMap<String, Arc<Live>>>,
     agent_binary: PathBuf,
     started: Instant,
+    /// Key of the preview tokens' HMAC; made once, kept in the store.
+    preview_secret: Vec<u8>,
     pub metrics: Metrics,
+    gov: gov::Gov,
 }
 
 /// Single-quote a word for `/bin/sh`.
@@ -171,7 +200,12 @@ impl Engine {
                 )
             })
             .collect();
+        let gov = gov::Gov::new(&cfg, &store);
+        let preview_secret = store
+            .meta_get_or_init("preview_secret", || id::random_token(64))?
+            .into_bytes();
         Ok(Arc::new(Engine {
+            gov,
             cfg,
             store,
             providers,
@@ -179,6 +213,7 @@ impl Engine {
             live: RwLock::new(HashMap::new()),
             agent_binary,
             started: Instant::now(),
+            preview_secret,
             metrics: Metrics::default(),
         }))
     }
@@ -292,7 +327,8 @@ impl Engine {
                 "network must be \"none\" or \"egress\", not {network:?}"
             )));
         }
-        let metadata = req.metadata.clone().unwrap_or_default();
+        let mut metadata = req.metadata.clone().unwrap_or_default();
+        preview::plan_access(req.preview.as_deref(), &mut metadata)?;
         if metadata.len() > 64 {
             return Err(Error::invalid("metadata may have at most 64 entries"));
         }
@@ -326,7 +362,7 @@ impl Engine {
             memory_mb,
             vcpus,
             owner_id: owner,
-            template: None,
+            template: req.from_template.clone(),
             network: network.to_string(),
             metadata,
             env,
@@ -335,6 +371,9 @@ impl Engine {
             updated_at_ms: now,
             error: None,
             runtime_id: None,
+            tenant: req.tenant.clone(),
+            creator: req.creator.clone(),
+            pool: req.pool.clone(),
         })
     }
 
@@ -359,53 +398,14 @@ impl Engine {
         Ok(ttl)
     }
 
-    /// Dry run of admission for a create request.
+    /// Dry run of admission for a create request: the same store check
+    /// (global cap and quotas) that [`Engine::create`] runs.
     pub async fn admission(
         &self,
         req: &CreateSandbox,
         owner: Option<&str>,
     ) -> Result<AdmissionDecision, Error> {
-        let max = self.cfg.max_sandboxes;
-        let active = self.db(|s| s.count_active()).await?;
-        let mut d = AdmissionDecision {
-            allowed: true,
-            queueable: false,
-            reason: None,
-            active_sandboxes: active,
-            max_sandboxes: max,
-            active_owner_sandboxes: None,
-            max_owner_sandboxes: None,
-            max_ttl: duration::format(self.cfg.max_ttl),
-        };
-        match self.plan(req, owner) {
-            Ok(rec) => {
-                if let Some(o) = rec.owner_id.clone() {
-                    let n = self
-                        .db(move |s| {
-                            s.list_sandboxes(&SandboxFilter {
-                                owner_id: Some(o),
-                                ..Default::default()
-                            })
-                        })
-                        .await?
-                        .iter()
-                        .filter(|r| r.state.is_active())
-                        .count();
-                    d.active_owner_sandboxes = Some(n as u64);
-                }
-                if active >= max {
-                    d.allowed = false;
-                    d.reason = Some(format!(
-                        "sandbox capacity reached: {active} of {max} sandboxes are active"
-                    ));
-                }
-            }
-            Err(e) => {
-                d.allowed = false;
-                d.reason = Some(e.message);
-            }
-        }
-        Ok(d)
+        self.admission_report(req, owner).await
     }
 
     /// Create a sandbox and return once it can run an exec.
@@ -463,6 +463,7 @@ impl Engine {
                             id.clone(),
                             Arc::new(Live {
                                 agent: AgentClient::new(spec.socket_path()),
+                                preview: preview::chosen_access(&rec.metadata),
                             }),
                         );
                         self.metrics.observe_create(started.elapsed());
@@ -636,7 +637,7 @@ impl Engine {
         let mut last_sweep = Instant::now();
         loop {
             tick.tick().await;
-            match self.prune("ttl expired").await {
+            match self.prune_as("ttl expired", None).await {
                 Ok(0) => {}
                 Ok(n) => {
                     self.metrics

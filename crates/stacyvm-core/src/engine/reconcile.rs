@@ -143,10 +143,13 @@ impl Engine {
                     if rec.state == SandboxState::Unhealthy {
                         mark(SandboxState::Running, String::new()).await;
                     }
-                    self.live
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(id.to_string(), Arc::new(Live { agent }));
+                    self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
+                        id.to_string(),
+                        Arc::new(Live {
+                            agent,
+                            preview: super::preview::chosen_access(&rec.metadata),
+                        }),
+                    );
                     tracing::info!(sandbox = %id, "re-attached running sandbox");
                 } else {
                     let why = if runtime.is_none() {
