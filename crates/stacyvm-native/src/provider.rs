@@ -162,27 +162,7 @@ fn check_id(what: &str, id: &str) -> Result<(), ProviderError> {
     }
 }
 
-/// A valid hostname (RFC 1123 label) derived from a sandbox id, the same one
-/// the Docker provider uses.
-pub fn hostname_for(sandbox_id: &str) -> String {
-    let mapped: String = sandbox_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    let trimmed = mapped.trim_matches('-');
-    if trimmed.is_empty() {
-        "sandbox".to_string()
-    } else {
-        trimmed.to_string()
-    }
-}
+pub use stacyvm_providers::hostname_for;
 
 /// The agent's environment: the image's, then `PATH`/`HOSTNAME`/`HOME`
 /// defaults, then the sandbox's own variables (which win).

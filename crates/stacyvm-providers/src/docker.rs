@@ -13,6 +13,7 @@
 //! API version on first contact once the daemon answers.
 
 use crate::agent::{AgentClient, AgentError};
+use crate::hostname_for;
 use crate::{Isolation, NetworkMode, Provider, ProviderError, RuntimeInfo, SandboxSpec};
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
@@ -806,27 +807,6 @@ fn with_logs(message: String, logs: &[String]) -> String {
 /// `stacyvm-<sandbox id>`.
 pub fn container_name(sandbox_id: &str) -> String {
     format!("{CONTAINER_PREFIX}{sandbox_id}")
-}
-
-/// A valid hostname (RFC 1123 label) derived from a sandbox id.
-fn hostname_for(sandbox_id: &str) -> String {
-    let mapped: String = sandbox_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    let trimmed = mapped.trim_matches('-');
-    if trimmed.is_empty() {
-        "sandbox".to_string()
-    } else {
-        trimmed.to_string()
-    }
 }
 
 fn short_id(id: &str) -> &str {

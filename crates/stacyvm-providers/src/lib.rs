@@ -118,6 +118,28 @@ pub enum ProviderError {
     AgentStart(String),
 }
 
+/// A valid hostname (RFC 1123 label) derived from a sandbox id; every
+/// provider names its sandboxes this way (`sb_x` → `sb-x`).
+pub fn hostname_for(sandbox_id: &str) -> String {
+    let mapped: String = sandbox_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let trimmed = mapped.trim_matches('-');
+    if trimmed.is_empty() {
+        "sandbox".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
 /// What every agent-based provider offers, plus its own `extra` words,
 /// for [`Provider::capabilities`].
 pub fn agent_capabilities(extra: &[&str]) -> Vec<String> {
