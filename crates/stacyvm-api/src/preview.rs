@@ -1003,7 +1003,7 @@ mod tests {
         );
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
         h.insert(
             header::COOKIE,
             HeaderValue::from_static("stacyvm_preview=x"),
@@ -1018,7 +1018,7 @@ mod tests {
         assert_eq!(out["authorization"], "Bearer app");
         assert_eq!(out["connection"], "upgrade");
         assert_eq!(out["upgrade"], "websocket");
-        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(out["x-forwarded-for"], "192.0.2.1, 127.0.0.1");
         assert_eq!(out["x-forwarded-port"], "80");
         assert!(!out.contains_key("cookie"));
     }

@@ -449,6 +449,6 @@ mod tests {
         assert_eq!(host_of("ghcr.io"), "ghcr.io");
         assert!(is_loopback_host("127.1.2.3:80"));
         assert!(is_loopback_host("LOCALHOST:1"));
-        assert!(!is_loopback_host("10.0.0.1:5000"));
+        assert!(!is_loopback_host("192.0.2.1:5000"));
     }
 }
