@@ -86,6 +86,24 @@ impl AgentClient {
         &self.socket
     }
 
+    /// Open a fresh HTTP/1.1 connection to the agent's socket.
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            hyper::client::conn::http1::SendRequest<AgentBody>,
+            hyper::client::conn::http1::Connection<TokioIo<UnixStream>, AgentBody>,
+        ),
+        AgentError,
+    > {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| AgentError::Unreachable(format!("{}: {e}", self.socket.display())))?;
+        hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| AgentError::Unreachable(e.to_string()))
+    }
+
     /// Send one request; the answer's body streams from the connection.
     pub async fn send(
         &self,
@@ -93,12 +111,7 @@ impl AgentClient {
         path_and_query: &str,
         body: AgentBody,
     ) -> Result<http::Response<Incoming>, AgentError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| AgentError::Unreachable(format!("{}: {e}", self.socket.display())))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        let (mut sender, conn) = self.connect().await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "agent connection ended with an error");
@@ -326,12 +339,7 @@ impl AgentClient {
     /// sandbox. A port nobody listens on is [`AgentError::Status`] with code
     /// `port_closed` (502).
     pub async fn tunnel(&self, port: u16) -> Result<Tunnel, AgentError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| AgentError::Unreachable(format!("{}: {e}", self.socket.display())))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+        let (mut sender, conn) = self.connect().await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "agent tunnel connection ended with an error");
