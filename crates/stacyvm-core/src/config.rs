@@ -47,6 +47,35 @@ impl Default for DockerConfig {
     }
 }
 
+/// PRoot provider settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProotConfig {
+    /// The `proot` executable (a path, or a name looked up in `PATH`).
+    pub binary: String,
+}
+
+impl Default for ProotConfig {
+    fn default() -> Self {
+        ProotConfig {
+            binary: "proot".to_string(),
+        }
+    }
+}
+
+/// Custom (HTTP contract) provider settings; see docs/CUSTOM_PROVIDER.md.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CustomConfig {
+    /// Base URL of the backend, e.g. `http://127.0.0.1:7500`.
+    pub url: Option<String>,
+    /// Bearer token sent to the backend on every call.
+    pub token: Option<String>,
+}
+
+/// Every provider name the server knows.
+pub const PROVIDER_NAMES: &[&str] = &["native", "docker", "proot", "custom", "mock"];
+
 /// The raw file form: durations and sizes as strings, everything optional.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -80,7 +109,10 @@ struct FileConfig {
     audit_log: Option<bool>,
     image_dir: Option<PathBuf>,
     insecure_registries: Option<Vec<String>>,
+    providers: Option<Vec<String>>,
     docker: Option<DockerConfig>,
+    proot: Option<ProotConfig>,
+    custom: Option<CustomConfig>,
 }
 
 /// Effective configuration.
@@ -135,7 +167,12 @@ pub struct Config {
     /// Registries (`host:port`) pulled from over plain HTTP; loopback
     /// registries always are.
     pub insecure_registries: Vec<String>,
+    /// Providers to start (the default provider is always added). Those
+    /// whose runtime is missing on the host are reported unhealthy.
+    pub providers: Vec<String>,
     pub docker: DockerConfig,
+    pub proot: ProotConfig,
+    pub custom: CustomConfig,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -187,7 +224,10 @@ impl Default for Config {
             audit_log: true,
             image_dir: None,
             insecure_registries: Vec::new(),
+            providers: vec!["native".into(), "docker".into(), "proot".into()],
             docker: DockerConfig::default(),
+            proot: ProotConfig::default(),
+            custom: CustomConfig::default(),
         }
     }
 }
@@ -266,6 +306,9 @@ impl Config {
         set!(log_format);
         set!(audit_log);
         set!(docker);
+        set!(proot);
+        set!(custom);
+        set!(providers);
         set_dur!(default_ttl);
         set_dur!(max_ttl);
         set_dur!(default_exec_timeout);
@@ -350,6 +393,17 @@ impl Config {
             }
             "DOCKER_SOCKET" => self.docker.socket = Some(v.to_string()),
             "DOCKER_PULL" => self.docker.pull = v.to_string(),
+            "PROVIDERS" => {
+                self.providers = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            "PROOT_BINARY" => self.proot.binary = v.to_string(),
+            "CUSTOM_URL" => self.custom.url = (!v.is_empty()).then(|| v.to_string()),
+            "CUSTOM_TOKEN" => self.custom.token = (!v.is_empty()).then(|| v.to_string()),
             // Client-side and unrelated variables (STACYVM_URL, …) are not ours.
             _ => {}
         }
@@ -391,6 +445,34 @@ impl Config {
         if !matches!(self.docker.pull.as_str(), "missing" | "never") {
             return Err(invalid("docker.pull", "must be \"missing\" or \"never\""));
         }
+        for p in self.providers.iter().chain([&self.default_provider]) {
+            if !PROVIDER_NAMES.contains(&p.as_str()) {
+                return Err(invalid(
+                    "providers",
+                    format!(
+                        "unknown provider {p:?}; known: {}",
+                        PROVIDER_NAMES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if self.enabled_providers().iter().any(|p| p == "custom") {
+            match &self.custom.url {
+                None => {
+                    return Err(invalid(
+                        "custom.url",
+                        "the custom provider needs the URL of its backend",
+                    ))
+                }
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    return Err(invalid(
+                        "custom.url",
+                        format!("{u:?} is not an http:// or https:// URL"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(invalid("log_format", "must be \"text\" or \"json\""));
         }
@@ -418,6 +500,18 @@ impl Config {
             return Err(invalid("preview_token_ttl", "must be positive"));
         }
         Ok(())
+    }
+
+    /// The providers to start: `providers` plus the default provider,
+    /// without repeats, in order.
+    pub fn enabled_providers(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in self.providers.iter().chain([&self.default_provider]) {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+        out
     }
 
     /// The effective preview access of sandboxes that do not choose.
@@ -519,6 +613,34 @@ mod tests {
         assert_eq!(c.api_key.as_deref(), Some("k1"));
         assert_eq!(c.preview_domain, "preview.test");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn provider_selection() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.enabled_providers(), ["native", "docker", "proot"]);
+        let c = Config::load(
+            None,
+            env(&[
+                ("STACYVM_PROVIDERS", "docker"),
+                ("STACYVM_DEFAULT_PROVIDER", "mock"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.enabled_providers(), ["docker", "mock"]);
+        let e = Config::load(None, env(&[("STACYVM_PROVIDERS", "native,lxc")])).unwrap_err();
+        assert!(e.to_string().contains("lxc"), "{e}");
+        let e = Config::load(None, env(&[("STACYVM_PROVIDERS", "custom")])).unwrap_err();
+        assert!(e.to_string().contains("custom.url"), "{e}");
+        let c = Config::load(
+            None,
+            env(&[
+                ("STACYVM_PROVIDERS", "custom"),
+                ("STACYVM_CUSTOM_URL", "http://127.0.0.1:7500"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.enabled_providers(), ["custom", "native"]);
     }
 
     #[test]

@@ -159,6 +159,20 @@ fn native_provider(
     .map_err(Error::from)
 }
 
+async fn docker_provider(cfg: &Config, instance_id: &str) -> Result<DockerProvider, Error> {
+    DockerProvider::connect(DockerOptions {
+        socket: cfg.docker.socket.clone(),
+        instance_id: instance_id.to_string(),
+        pull: if cfg.docker.pull == "never" {
+            PullPolicy::Never
+        } else {
+            PullPolicy::Missing
+        },
+    })
+    .await
+    .map_err(|e| Error::invalid(e.to_string()))
+}
+
 /// Open the store, install the agent, connect the providers and build the
 /// engine. Does not reconcile or start background tasks.
 pub async fn build_engine(cfg: Config) -> Result<Arc<Engine>, Error> {
@@ -189,24 +203,22 @@ pub async fn build_engine(cfg: Config) -> Result<Arc<Engine>, Error> {
     let agent = install_agent(&cfg)?;
 
     let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
-    let docker = DockerProvider::connect(DockerOptions {
-        socket: cfg.docker.socket.clone(),
-        instance_id: instance_id.clone(),
-        pull: if cfg.docker.pull == "never" {
-            PullPolicy::Never
-        } else {
-            PullPolicy::Missing
-        },
-    })
-    .await;
-    match docker {
-        Ok(d) => providers.push(Arc::new(d)),
-        Err(e) => tracing::warn!(error = %e, "docker provider unavailable"),
-    }
     let pull_audit = Arc::new(OnceLock::new());
-    match native_provider(&cfg, &instance_id, pull_audit.clone()) {
-        Ok(n) => providers.push(Arc::new(n)),
-        Err(e) => tracing::warn!(error = %e, "native provider unavailable"),
+    for name in cfg.enabled_providers() {
+        let built: Result<Arc<dyn Provider>, Error> = match name.as_str() {
+            "docker" => docker_provider(&cfg, &instance_id)
+                .await
+                .map(|p| Arc::new(p) as Arc<dyn Provider>),
+            "native" => native_provider(&cfg, &instance_id, pull_audit.clone())
+                .map(|p| Arc::new(p) as Arc<dyn Provider>),
+            other => Err(Error::invalid(format!(
+                "provider {other} is not available in this build"
+            ))),
+        };
+        match built {
+            Ok(p) => providers.push(p),
+            Err(e) => tracing::warn!(provider = %name, error = %e, "provider unavailable"),
+        }
     }
     tracing::info!(instance = %instance_id, data_dir = %cfg.data_dir.display(), agent = %agent.display(), "engine ready");
     let engine = Engine::new(cfg, store, providers, agent)?;
