@@ -140,18 +140,50 @@ pub fn hostname_for(sandbox_id: &str) -> String {
     }
 }
 
-/// What every agent-based provider offers, plus its own `extra` words,
-/// for [`Provider::capabilities`].
+/// Capability words a provider may claim in [`Provider::capabilities`].
+/// The provider conformance suite (`stacyvm certify`) checks every claimed
+/// word it knows; a provider must not claim what it cannot show.
+pub mod caps {
+    /// Commands run with exit codes, timeouts and stdin.
+    pub const EXEC: &str = "exec";
+    /// File API (read, write, list, move, chmod, delete).
+    pub const FILES: &str = "files";
+    /// Streamed exec output (NDJSON).
+    pub const STREAMING: &str = "streaming";
+    /// Live previews of ports inside the sandbox.
+    pub const PREVIEW: &str = "preview";
+    /// `memory_mb` is enforced (a hog is killed).
+    pub const MEMORY_LIMIT: &str = "memory_limit";
+    /// `vcpus` is enforced.
+    pub const CPU_LIMIT: &str = "cpu_limit";
+    /// The process count is capped (a fork bomb stops).
+    pub const PIDS_LIMIT: &str = "pids_limit";
+    /// `network: none` really leaves only loopback.
+    pub const NETWORK_NONE: &str = "network_none";
+    /// Sandbox processes see only their own processes.
+    pub const ISOLATED_PIDS: &str = "isolated_pids";
+    /// Sandbox processes cannot read or change host files.
+    pub const ISOLATED_FILESYSTEM: &str = "isolated_filesystem";
+    /// The sandbox has its own hostname.
+    pub const ISOLATED_HOSTNAME: &str = "isolated_hostname";
+}
+
+/// What every agent-based provider with kernel isolation (namespaces or
+/// containers, with cgroup limits) offers, plus its own `extra` words, for
+/// [`Provider::capabilities`].
 pub fn agent_capabilities(extra: &[&str]) -> Vec<String> {
     [
-        "exec",
-        "files",
-        "streaming",
-        "memory_limit",
-        "cpu_limit",
-        "pids_limit",
-        "network_none",
-        "preview",
+        caps::EXEC,
+        caps::FILES,
+        caps::STREAMING,
+        caps::MEMORY_LIMIT,
+        caps::CPU_LIMIT,
+        caps::PIDS_LIMIT,
+        caps::NETWORK_NONE,
+        caps::PREVIEW,
+        caps::ISOLATED_PIDS,
+        caps::ISOLATED_FILESYSTEM,
+        caps::ISOLATED_HOSTNAME,
     ]
     .iter()
     .chain(extra)
