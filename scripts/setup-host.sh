@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make this machine ready for StacyVM's test suite and quickstart:
-#   1. apt packages (docker.io, debootstrap, chromium for the browser test, ...)
+#   1. apt packages (docker.io, debootstrap, proot, chromium for the browser test, ...)
 #   2. a docker daemon (reuses a running one; else starts dockerd without a
 #      bridge or iptables, so containers never reach the host's networks)
 #   3. Python test dependencies (stacyvm SDK, pytest, httpx)
@@ -15,7 +15,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-APT_PACKAGES=(docker.io debootstrap debian-archive-keyring ca-certificates wget curl docker-registry skopeo bubblewrap chromium)
+APT_PACKAGES=(docker.io debootstrap debian-archive-keyring ca-certificates wget curl docker-registry skopeo bubblewrap chromium proot)
 PY_SDK_VERSION=0.1.1
 PY_PACKAGES=("stacyvm==$PY_SDK_VERSION" pytest httpx)
 

@@ -4,6 +4,7 @@ mod audit_cmd;
 mod bench;
 mod client;
 mod commands;
+mod hostcheck;
 mod image_cmd;
 mod serve;
 
