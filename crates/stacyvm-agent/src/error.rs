@@ -41,6 +41,11 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, codes::CONFLICT, message)
     }
 
+    /// 401 `unauthorized`: the TCP transport's bearer token is missing or wrong.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
     /// 403 `forbidden`.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, codes::FORBIDDEN, message)

@@ -7,7 +7,10 @@ use crate::error::Error;
 use crate::images::StoreRootfs;
 use stacyvm_images::{ImageStore, StoreOptions};
 use stacyvm_native::{NativeOptions, NativeProvider};
+use stacyvm_proot::{ProotOptions, ProotProvider};
+use stacyvm_providers::custom::{CustomOptions, CustomProvider};
 use stacyvm_providers::docker::{DockerOptions, DockerProvider, PullPolicy};
+use stacyvm_providers::mock::{MockOptions, MockProvider};
 use stacyvm_providers::Provider;
 use stacyvm_store::Store;
 use std::path::{Path, PathBuf};
@@ -159,6 +162,54 @@ fn native_provider(
     .map_err(Error::from)
 }
 
+/// The `custom` provider: the operator's backend at `custom.url` (see
+/// docs/CUSTOM_PROVIDER.md). A backend that is down does not stop the
+/// server; the provider is unhealthy until it answers.
+async fn custom_provider(cfg: &Config, instance_id: &str) -> Result<CustomProvider, Error> {
+    let url = cfg
+        .custom
+        .url
+        .clone()
+        .ok_or_else(|| Error::invalid("the custom provider needs custom.url"))?;
+    CustomProvider::connect(CustomOptions {
+        url,
+        token: cfg.custom.token.clone(),
+        instance_id: instance_id.to_string(),
+    })
+    .await
+    .map_err(|e| Error::invalid(e.to_string()))
+}
+
+/// The `mock` provider: sandboxes that are directories under
+/// `<data_dir>/mock`, served in-process; it isolates nothing and runs no code
+/// (it logs a warning saying so when it starts).
+async fn mock_provider(cfg: &Config, instance_id: &str) -> Result<MockProvider, Error> {
+    MockProvider::new(MockOptions {
+        state_dir: cfg.data_dir.join("mock"),
+        instance_id: instance_id.to_string(),
+    })
+    .await
+    .map_err(Error::from)
+}
+
+/// The proot provider (no isolation; for hosts without namespaces). Fails
+/// when `proot` is not installed.
+fn proot_provider(
+    cfg: &Config,
+    instance_id: &str,
+    audit: Arc<OnceLock<AuditSink>>,
+) -> Result<ProotProvider, Error> {
+    let store = open_image_store(cfg)?;
+    ProotProvider::new(ProotOptions {
+        state_dir: cfg.data_dir.join("proot"),
+        instance_id: instance_id.to_string(),
+        proot_binary: PathBuf::from(&cfg.proot.binary),
+        cache_dir: None,
+        rootfs: Arc::new(StoreRootfs { store, audit }),
+    })
+    .map_err(Error::from)
+}
+
 async fn docker_provider(cfg: &Config, instance_id: &str) -> Result<DockerProvider, Error> {
     DockerProvider::connect(DockerOptions {
         socket: cfg.docker.socket.clone(),
@@ -210,6 +261,14 @@ pub async fn build_engine(cfg: Config) -> Result<Arc<Engine>, Error> {
                 .await
                 .map(|p| Arc::new(p) as Arc<dyn Provider>),
             "native" => native_provider(&cfg, &instance_id, pull_audit.clone())
+                .map(|p| Arc::new(p) as Arc<dyn Provider>),
+            "proot" => proot_provider(&cfg, &instance_id, pull_audit.clone())
+                .map(|p| Arc::new(p) as Arc<dyn Provider>),
+            "mock" => mock_provider(&cfg, &instance_id)
+                .await
+                .map(|p| Arc::new(p) as Arc<dyn Provider>),
+            "custom" => custom_provider(&cfg, &instance_id)
+                .await
                 .map(|p| Arc::new(p) as Arc<dyn Provider>),
             other => Err(Error::invalid(format!(
                 "provider {other} is not available in this build"

@@ -338,6 +338,65 @@ pub fn install() -> io::Result<()> {
     Ok(())
 }
 
+/// A filter with the same architecture checks as [`program`] (a foreign
+/// architecture kills the process, x32 gets `EPERM`) that answers each
+/// syscall in `syscalls` with `errno` and allows everything else.
+pub fn errno_program(syscalls: &[u32], errno_value: u32) -> Vec<Insn> {
+    let mut p = vec![
+        stmt(BPF_LD_W_ABS, OFF_ARCH),
+        jump(BPF_JEQ, arch::AUDIT_ARCH, 1, 0),
+        ret(SECCOMP_RET_KILL_PROCESS),
+        stmt(BPF_LD_W_ABS, OFF_NR),
+    ];
+    if let Some(bit) = arch::X32_BIT {
+        p.push(jump(BPF_JGT, bit - 1, 0, 1));
+        p.push(ret(errno(EPERM)));
+    }
+    for nr in syscalls {
+        when_nr(&mut p, *nr, &[ret(errno(errno_value))]);
+    }
+    p.push(ret(SECCOMP_RET_ALLOW));
+    p
+}
+
+/// A program in the kernel's form, for [`install_prepared`].
+pub fn prepare(prog: &[Insn]) -> Vec<libc::sock_filter> {
+    prog.iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect()
+}
+
+/// Install a [`prepare`]d filter on the calling thread. Does not allocate,
+/// so it may run between `fork` and `exec`. `no_new_privs` must be set first
+/// (or the caller must hold `CAP_SYS_ADMIN`).
+pub fn install_prepared(filters: &[libc::sock_filter]) -> io::Result<()> {
+    let Ok(len) = u16::try_from(filters.len()) else {
+        return Err(io::Error::from_raw_os_error(libc::E2BIG));
+    };
+    let fprog = libc::sock_fprog {
+        len,
+        filter: filters.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points to `len` valid instructions that outlive the
+    // call; the kernel copies the program.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,5 +499,16 @@ mod tests {
     fn x32_is_refused() {
         assert_eq!(eval(0x4000_0000, 0), errno(EPERM));
         assert_eq!(eval(0x4000_0000 + 165, 0), errno(EPERM));
+    }
+
+    #[test]
+    fn errno_program_answers_only_the_listed_syscalls() {
+        let p = errno_program(&[332, 439], ENOSYS);
+        assert_eq!(run(&p, arch::AUDIT_ARCH, 332, 0), errno(ENOSYS));
+        assert_eq!(run(&p, arch::AUDIT_ARCH, 439, 0), errno(ENOSYS));
+        assert_eq!(run(&p, arch::AUDIT_ARCH, 0, 0), SECCOMP_RET_ALLOW);
+        assert_eq!(run(&p, arch::AUDIT_ARCH, 333, 0), SECCOMP_RET_ALLOW);
+        assert_eq!(run(&p, 0x4000_0003, 332, 0), SECCOMP_RET_KILL_PROCESS);
+        assert_eq!(prepare(&p).len(), p.len());
     }
 }

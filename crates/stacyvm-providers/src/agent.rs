@@ -1,6 +1,8 @@
 //! Client for the in-sandbox agent: HTTP/1.1 over the Unix socket that the
-//! provider exposes on the host. One connection per call keeps the client
-//! stateless; a Unix-socket connect plus handshake costs tens of microseconds.
+//! provider exposes on the host, or over TCP with a bearer token for
+//! runtimes whose sandboxes live elsewhere (the `custom` provider). One
+//! connection per call keeps the client stateless; a Unix-socket connect
+//! plus handshake costs tens of microseconds.
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -13,9 +15,18 @@ use stacyvm_agent_proto::{
     ChmodRequest, ErrorBody, ExecRequest, ExecResult, FileEntry, Health, MoveRequest, Stats,
     Status, WriteResult,
 };
+use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Bound on a TCP connect to an agent (a Unix connect answers at once).
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Boxed error type for request bodies streamed to the agent.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,9 +53,108 @@ pub enum AgentError {
     Protocol(String),
 }
 
+/// How the server reaches one agent.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A Unix socket on this host (what every local provider exposes).
+    Unix(PathBuf),
+    /// `host:port` of an agent started with `--listen tcp:…`; every request
+    /// carries `Authorization: Bearer <token>`.
+    Tcp { addr: String, token: String },
+}
+
+impl fmt::Display for AgentEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentEndpoint::Unix(p) => write!(f, "{}", p.display()),
+            AgentEndpoint::Tcp { addr, .. } => write!(f, "tcp:{addr}"),
+        }
+    }
+}
+
+/// Never prints the token.
+impl fmt::Debug for AgentEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentEndpoint::Unix(p) => f.debug_tuple("Unix").field(p).finish(),
+            AgentEndpoint::Tcp { addr, .. } => f
+                .debug_struct("Tcp")
+                .field("addr", addr)
+                .field("token", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    socket: PathBuf,
+    endpoint: Arc<AgentEndpoint>,
+    /// `Bearer <token>` for TCP endpoints.
+    authorization: Option<http::HeaderValue>,
+}
+
+/// A connection to an agent over either transport.
+enum AgentStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AsyncRead for AgentStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AgentStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            AgentStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for AgentStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AgentStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            AgentStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AgentStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            AgentStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AgentStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            AgentStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AgentStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            AgentStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            AgentStream::Unix(s) => s.is_write_vectored(),
+            AgentStream::Tcp(s) => s.is_write_vectored(),
+        }
+    }
 }
 
 /// Build `path?k=v&…` with every value percent-encoded.
@@ -76,32 +186,104 @@ fn json_body<T: serde::Serialize>(v: &T) -> Result<AgentBody, AgentError> {
 }
 
 impl AgentClient {
+    /// A client of the agent listening on the Unix socket `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         AgentClient {
-            socket: socket.into(),
+            endpoint: Arc::new(AgentEndpoint::Unix(socket.into())),
+            authorization: None,
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// A client of an agent listening on TCP at `addr` (`host:port`) that
+    /// requires `token`.
+    pub fn tcp(addr: impl Into<String>, token: impl Into<String>) -> Result<Self, AgentError> {
+        Self::from_endpoint(AgentEndpoint::Tcp {
+            addr: addr.into(),
+            token: token.into(),
+        })
     }
 
-    /// Open a fresh HTTP/1.1 connection to the agent's socket.
+    /// A client of `endpoint`; fails for a token that cannot be sent in a
+    /// header.
+    pub fn from_endpoint(endpoint: AgentEndpoint) -> Result<Self, AgentError> {
+        let authorization = match &endpoint {
+            AgentEndpoint::Unix(_) => None,
+            AgentEndpoint::Tcp { token, .. } => {
+                let mut v =
+                    http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                        AgentError::Protocol("the agent token is not a valid header value".into())
+                    })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        Ok(AgentClient {
+            endpoint: Arc::new(endpoint),
+            authorization,
+        })
+    }
+
+    pub fn endpoint(&self) -> &AgentEndpoint {
+        &self.endpoint
+    }
+
+    /// The agent's Unix socket, `None` for a TCP endpoint.
+    pub fn socket(&self) -> Option<&Path> {
+        match &*self.endpoint {
+            AgentEndpoint::Unix(p) => Some(p),
+            AgentEndpoint::Tcp { .. } => None,
+        }
+    }
+
+    /// Open a fresh HTTP/1.1 connection to the agent (the one connect path
+    /// of requests and tunnels).
     async fn connect(
         &self,
     ) -> Result<
         (
             hyper::client::conn::http1::SendRequest<AgentBody>,
-            hyper::client::conn::http1::Connection<TokioIo<UnixStream>, AgentBody>,
+            hyper::client::conn::http1::Connection<TokioIo<AgentStream>, AgentBody>,
         ),
         AgentError,
     > {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| AgentError::Unreachable(format!("{}: {e}", self.socket.display())))?;
+        let unreachable =
+            |e: &dyn fmt::Display| AgentError::Unreachable(format!("{}: {e}", self.endpoint));
+        let stream = match &*self.endpoint {
+            AgentEndpoint::Unix(path) => AgentStream::Unix(
+                UnixStream::connect(path)
+                    .await
+                    .map_err(|e| unreachable(&e))?,
+            ),
+            AgentEndpoint::Tcp { addr, .. } => {
+                let s =
+                    tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(addr.as_str()))
+                        .await
+                        .map_err(|_| {
+                            unreachable(&format_args!(
+                                "no connection within {}s",
+                                TCP_CONNECT_TIMEOUT.as_secs()
+                            ))
+                        })?
+                        .map_err(|e| unreachable(&e))?;
+                let _ = s.set_nodelay(true);
+                AgentStream::Tcp(s)
+            }
+        };
         hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| AgentError::Unreachable(e.to_string()))
+            .map_err(|e| unreachable(&e))
+    }
+
+    /// A request to the agent with the headers every call carries.
+    fn request(&self, method: Method, path_and_query: &str) -> http::request::Builder {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, "agent");
+        if let Some(auth) = &self.authorization {
+            b = b.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        b
     }
 
     /// Send one request; the answer's body streams from the connection.
@@ -117,10 +299,8 @@ impl AgentClient {
                 tracing::debug!(error = %e, "agent connection ended with an error");
             }
         });
-        let req = Request::builder()
-            .method(method)
-            .uri(path_and_query)
-            .header(http::header::HOST, "agent")
+        let req = self
+            .request(method, path_and_query)
             .body(body)
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         sender
@@ -188,7 +368,7 @@ impl AgentClient {
             Ok(r) => r,
             Err(_) => Err(AgentError::Unreachable(format!(
                 "{}: no answer within 2s",
-                self.socket.display()
+                self.endpoint
             ))),
         }
     }
@@ -345,10 +525,8 @@ impl AgentClient {
                 tracing::debug!(error = %e, "agent tunnel connection ended with an error");
             }
         });
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(format!("/v1/tunnel?port={port}"))
-            .header(http::header::HOST, "agent")
+        let req = self
+            .request(Method::GET, &format!("/v1/tunnel?port={port}"))
             .header(http::header::CONNECTION, "upgrade")
             .header(http::header::UPGRADE, stacyvm_agent_proto::TUNNEL_UPGRADE)
             .body(empty())

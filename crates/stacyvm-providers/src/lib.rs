@@ -6,11 +6,13 @@
 //! Unix socket the provider exposes in the sandbox's host run directory.
 
 pub mod agent;
+pub mod custom;
 pub mod docker;
+pub mod mock;
 
 use async_trait::async_trait;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// What a provider needs to start one sandbox.
@@ -217,5 +219,17 @@ pub trait Provider: Send + Sync + 'static {
     /// Recent runtime-side log lines of the sandbox (best effort).
     async fn logs(&self, _sandbox_id: &str, _lines: usize) -> Vec<String> {
         Vec::new()
+    }
+    /// How the server reaches the agent of a sandbox this provider runs.
+    /// `socket` is the Unix socket in the sandbox's host run directory,
+    /// which is where every local provider exposes it (the default).
+    /// Providers whose agents listen elsewhere (the `custom` provider's
+    /// TCP agents) answer their own endpoint, also after a server restart.
+    async fn agent(
+        &self,
+        _sandbox_id: &str,
+        socket: &Path,
+    ) -> Result<agent::AgentClient, ProviderError> {
+        Ok(agent::AgentClient::new(socket))
     }
 }

@@ -442,14 +442,21 @@ impl Engine {
             start_timeout: self.cfg.start_timeout,
         };
         let result = match std::fs::create_dir_all(&run_dir) {
-            Ok(()) => provider.create(&spec).await.map_err(Error::from),
+            Ok(()) => match provider.create(&spec).await {
+                Ok(info) => provider
+                    .agent(&id, &spec.socket_path())
+                    .await
+                    .map(|agent| (info, agent))
+                    .map_err(Error::from),
+                Err(e) => Err(Error::from(e)),
+            },
             Err(e) => Err(Error::internal(format!(
                 "cannot create {}: {e}",
                 run_dir.display()
             ))),
         };
         match result {
-            Ok(info) => {
+            Ok((info, agent)) => {
                 let rid = info.runtime_id.clone();
                 let idc = id.clone();
                 let _ = self.db(move |s| s.set_runtime_id(&idc, &rid)).await;
@@ -462,7 +469,7 @@ impl Engine {
                         self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
                             id.clone(),
                             Arc::new(Live {
-                                agent: AgentClient::new(spec.socket_path()),
+                                agent,
                                 preview: preview::chosen_access(&rec.metadata),
                             }),
                         );
@@ -684,6 +691,9 @@ impl Engine {
             if let Some(st) = h.get_mut(name) {
                 st.healthy = err.is_none();
                 st.error = err;
+                // Some providers learn these from their runtime (custom).
+                st.capabilities = p.capabilities();
+                st.isolation = p.isolation().as_str();
                 st.latency_ms = (latency * 1000.0).round() / 1000.0;
                 st.last_checked_ms = now_ms();
             }

@@ -3,7 +3,6 @@
 use super::{Engine, Live};
 use crate::clock::now_ms;
 use crate::error::Error;
-use stacyvm_providers::agent::AgentClient;
 use stacyvm_providers::{Provider, RuntimeInfo};
 use stacyvm_store::{SandboxRecord, SandboxState};
 use std::collections::HashMap;
@@ -132,14 +131,21 @@ impl Engine {
             }
             SandboxState::Running | SandboxState::Unhealthy => {
                 let socket = self.run_dir(id).join(stacyvm_agent_proto::SOCKET_NAME);
-                let agent = AgentClient::new(&socket);
-                let alive = match runtime {
-                    Some(rt) if rt.running => {
-                        agent.wait_ready(Duration::from_secs(3)).await.is_ok()
-                    }
-                    _ => false,
+                let agent = match runtime {
+                    Some(rt) if rt.running => match provider.agent(id, &socket).await {
+                        Ok(agent) => agent
+                            .wait_ready(Duration::from_secs(3))
+                            .await
+                            .is_ok()
+                            .then_some(agent),
+                        Err(e) => {
+                            tracing::warn!(sandbox = %id, error = %e, "cannot find the sandbox's agent");
+                            None
+                        }
+                    },
+                    _ => None,
                 };
-                if alive {
+                if let Some(agent) = agent {
                     if rec.state == SandboxState::Unhealthy {
                         mark(SandboxState::Running, String::new()).await;
                     }
