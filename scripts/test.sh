@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian/Ubuntu machine or an existing one:
-# prepares the host (docker, test image, Python deps), builds, then runs the
-# Rust tests and the end-to-end suite against the real server and dockerd.
+# prepares the host (docker, proot, test image, Python deps), builds, then runs
+# the Rust tests, the end-to-end suite against the real server and dockerd,
+# and the provider conformance suite (`stacyvm certify`) on every provider.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,3 +22,6 @@ cargo test --release --locked --workspace
 echo "==> end-to-end tests (real server, real dockerd, official Python client)"
 py="${STACYVM_CACHE_DIR:-$root/.ci/cache}/venv/bin/python"
 "$py" -m pytest "$root/tests/e2e" -q -p no:cacheprovider
+
+echo "==> provider conformance (stacyvm certify: native, docker, proot, custom)"
+"$root/scripts/conformance.sh"

@@ -6,8 +6,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use stacyvm_core::certification::{Certification, HostClass};
 use stacyvm_core::engine::ProviderStatus;
 use stacyvm_core::{clock, duration, ErrorCode};
+use std::sync::OnceLock;
 
 use crate::error::{ApiError, ApiResult};
 
@@ -54,7 +56,49 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     e.into_response()
 }
 
-fn provider_json(p: &ProviderStatus) -> Value {
+/// Limit and isolation words a provider does not claim: what it accepts
+/// in a request but cannot enforce.
+fn unenforced(capabilities: &[String]) -> Vec<&'static str> {
+    use stacyvm_providers::caps;
+    [
+        caps::MEMORY_LIMIT,
+        caps::CPU_LIMIT,
+        caps::PIDS_LIMIT,
+        caps::NETWORK_NONE,
+        caps::ISOLATED_PIDS,
+        caps::ISOLATED_FILESYSTEM,
+        caps::ISOLATED_HOSTNAME,
+    ]
+    .into_iter()
+    .filter(|w| !capabilities.iter().any(|c| c == w))
+    .collect()
+}
+
+/// This host's class, detected once.
+fn this_host() -> &'static HostClass {
+    static HOST: OnceLock<HostClass> = OnceLock::new();
+    HOST.get_or_init(HostClass::detect)
+}
+
+/// The provider's certification record on this data dir, and whether it
+/// certifies this host (passed, on the same host class).
+fn certification(s: &AppState, provider: &str) -> (Option<Certification>, bool) {
+    let host = this_host();
+    match Certification::load(&s.engine.config().data_dir, provider) {
+        Ok(Some(c)) => {
+            let ok = c.certifies(host);
+            (Some(c), ok)
+        }
+        Ok(None) => (None, false),
+        Err(e) => {
+            tracing::warn!(provider, error = %e, "unreadable certification record");
+            (None, false)
+        }
+    }
+}
+
+fn provider_json(s: &AppState, p: &ProviderStatus, details: bool) -> Value {
+    let (cert, certified) = certification(s, &p.name);
     let mut v = json!({
         "name": p.name,
         "healthy": p.healthy,
@@ -63,10 +107,27 @@ fn provider_json(p: &ProviderStatus) -> Value {
         "last_checked": if p.last_checked_ms > 0 { clock::rfc3339_ms(p.last_checked_ms) } else { String::new() },
         "capabilities": p.capabilities,
         "isolation": p.isolation,
-        "certified": false,
+        "certified": certified,
+        "certified_at": if certified { cert.as_ref().map(|c| c.ran_at.clone()) } else { None },
+        "unenforced": unenforced(&p.capabilities),
     });
     if let Some(e) = &p.error {
         v["error"] = Value::String(e.clone());
+    }
+    if details {
+        v["certification"] = match &cert {
+            Some(c) => json!({
+                "passed": c.passed,
+                "ran_at": c.ran_at,
+                "valid_for_this_host": c.valid_for(this_host()),
+                "host": c.host,
+                "stacyvm_version": c.stacyvm_version,
+                "checks_passed": c.checks_passed,
+                "checks_failed": c.checks_failed,
+                "checks_skipped": c.checks_skipped,
+            }),
+            None => Value::Null,
+        };
     }
     v
 }
@@ -76,7 +137,7 @@ pub async fn providers(State(s): State<AppState>) -> Json<Value> {
         s.engine
             .provider_status()
             .iter()
-            .map(provider_json)
+            .map(|p| provider_json(&s, p, false))
             .collect(),
     ))
 }
@@ -89,7 +150,7 @@ pub async fn provider_one(
         .provider_status()
         .iter()
         .find(|p| p.name == name)
-        .map(|p| Json(provider_json(p)))
+        .map(|p| Json(provider_json(&s, p, true)))
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("provider {name} not found")))
 }
 

@@ -7,6 +7,7 @@
 //! the engine.
 
 pub mod audit;
+pub mod certification;
 pub mod clock;
 pub mod config;
 pub mod duration;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod governance;
 pub mod id;
 pub mod images;
+pub mod lint;
 pub mod metrics;
 pub mod preview;
 pub mod setup;

@@ -13,6 +13,7 @@
 //! store, so images stay warm), and stops it afterwards.
 
 use crate::client::{empty, enc, full, Client};
+use crate::server_proc::{OwnServer, ServerOptions};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::Args;
@@ -103,73 +104,6 @@ fn stats(samples: &mut [f64], lower_better: bool) -> Stats {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// A server started for the benchmark; stopped on drop.
-struct OwnServer {
-    child: std::process::Child,
-    data_dir: PathBuf,
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        // SAFETY: kill on a pid we spawned and have not reaped.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
-    }
-}
-
-async fn start_server(
-    api_key: Option<&str>,
-    image_dir: &std::path::Path,
-) -> Result<(OwnServer, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let data_dir = std::env::temp_dir().join(format!("svm-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&data_dir)?;
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(data_dir.join("server.log"))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("serve")
-        .env("STACYVM_LISTEN", format!("127.0.0.1:{port}"))
-        .env("STACYVM_DATA_DIR", &data_dir)
-        .env("STACYVM_LOG", "warn")
-        .env("STACYVM_IMAGE_DIR", image_dir)
-        .env("STACYVM_MAX_SANDBOXES", "2000")
-        .stdout(Stdio::null())
-        .stderr(log);
-    if let Some(k) = api_key {
-        cmd.env("STACYVM_API_KEY", k);
-    }
-    let child = cmd.spawn().context("starting the benchmark server")?;
-    let server = OwnServer { child, data_dir };
-    let url = format!("http://127.0.0.1:{port}");
-    let c = Client::new(&url, api_key.map(str::to_string))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if c.json(Method::GET, "/api/v1/ready", None).await.is_ok() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let log =
-                std::fs::read_to_string(server.data_dir.join("server.log")).unwrap_or_default();
-            bail!("the benchmark server did not become ready:\n{log}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok((server, url))
 }
 
 fn docker(args: &[&str]) -> Result<Duration> {
@@ -689,7 +623,17 @@ pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
     let (_own, url) = match &a.target {
         Some(u) => (None, u.clone()),
         None => {
-            let (s, u) = start_server(api_key.as_deref(), &image_dir).await?;
+            let data_dir = std::env::temp_dir().join(format!("svm-bench-{}", std::process::id()));
+            let opts = ServerOptions {
+                api_key: api_key.clone(),
+                ..ServerOptions::new(data_dir)
+            }
+            .env("STACYVM_IMAGE_DIR", image_dir.to_string_lossy())
+            .env("STACYVM_MAX_SANDBOXES", "2000");
+            let s = OwnServer::start(opts)
+                .await
+                .context("starting the benchmark server")?;
+            let u = s.url().to_string();
             (Some(s), u)
         }
     };

@@ -2,11 +2,15 @@
 
 mod audit_cmd;
 mod bench;
+mod certify;
 mod client;
 mod commands;
+mod conformance;
+mod doctor;
 mod hostcheck;
 mod image_cmd;
 mod serve;
+mod server_proc;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -69,6 +73,17 @@ enum Command {
     /// Measure exec latency, create→first exec and file throughput against
     /// Docker's own CLI in the same run.
     Bench(bench::BenchArgs),
+    /// Run the provider conformance suite against a private server and
+    /// store the certification record; exits 0 when certified, 1 when a
+    /// check failed, 2 on usage or configuration errors.
+    Certify(certify::CertifyArgs),
+    /// Check that this host can run sandboxes, and with which providers.
+    Doctor(doctor::DoctorArgs),
+    /// Configuration tools: `stacyvm config lint [--production]`.
+    Config {
+        #[command(subcommand)]
+        cmd: doctor::ConfigCmd,
+    },
     /// The audit log: `stacyvm audit verify` checks its hash chain.
     Audit {
         #[command(subcommand)]
@@ -134,7 +149,10 @@ fn main() {
                     r
                 }
                 Command::Audit { cmd } => audit_cmd::run(cmd, client).await,
+                Command::Doctor(a) => doctor::doctor(a).await,
+                Command::Config { cmd } => doctor::config_cmd(cmd),
                 Command::Bench(a) => bench::run(a, cli.api_key.clone()).await,
+                Command::Certify(a) => certify::run(a).await,
             }
         }
         .await;
