@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The provider conformance suite, through `stacyvm certify`, on every
-# provider this host can run: native, docker, proot, and custom (against the
-# reference backend in examples/custom-backend, started and stopped here).
+# provider: native, docker, proot, custom (against the reference backend in
+# examples/custom-backend, started and stopped here) and mock.
 #
 # Reports: $STACYVM_CACHE_DIR/reports/<provider>.md (Markdown, the format of
 # docs/SUPPORT_MATRIX.md); certification records land in $STACYVM_DATA_DIR
@@ -9,7 +9,7 @@
 # fails a check.
 #
 # Environment: STACYVM_BIN, STACYVM_AGENT_PATH, STACYVM_TEST_IMAGE,
-# STACYVM_CONFORMANCE_PROVIDERS (default "native docker proot custom").
+# STACYVM_CONFORMANCE_PROVIDERS (default "native docker proot custom mock").
 # Needs the host prepared by scripts/setup-host.sh and a build (scripts/build.sh).
 set -euo pipefail
 
@@ -21,7 +21,7 @@ triple="$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')"
 bin="${STACYVM_BIN:-$root/target/release/stacyvm}"
 export STACYVM_AGENT_PATH="${STACYVM_AGENT_PATH:-$root/target/${triple:-x86_64-unknown-linux-gnu}/release/stacyvm-agent}"
 image="${STACYVM_TEST_IMAGE:-stacyvm-test/python:bookworm}"
-providers="${STACYVM_CONFORMANCE_PROVIDERS:-native docker proot custom}"
+providers="${STACYVM_CONFORMANCE_PROVIDERS:-native docker proot custom mock}"
 reports="$cache/reports"
 export STACYVM_IMAGE_DIR="${STACYVM_IMAGE_DIR:-$cache/native-images}"
 export STACYVM_DATA_DIR="${STACYVM_DATA_DIR:-$cache/certify-data}"

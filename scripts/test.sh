@@ -23,5 +23,5 @@ echo "==> end-to-end tests (real server, real dockerd, official Python client)"
 py="${STACYVM_CACHE_DIR:-$root/.ci/cache}/venv/bin/python"
 "$py" -m pytest "$root/tests/e2e" -q -p no:cacheprovider
 
-echo "==> provider conformance (stacyvm certify: native, docker, proot, custom)"
+echo "==> provider conformance (stacyvm certify: native, docker, proot, custom, mock)"
 "$root/scripts/conformance.sh"

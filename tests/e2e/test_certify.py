@@ -224,3 +224,51 @@ def test_config_and_argument_errors_exit_2(data_dir):
     assert run.rc == 2, run.show()
     run = certify(data_dir, "--provider", "native", "--format", "yaml")
     assert run.rc == 2, run.show()
+
+
+def test_providers_endpoint_shows_certification(json_run):
+    """A server on the data dir of a certify run reports the provider as
+    certified, with the run's time; a record of another host class, or a
+    failed one, certifies nothing."""
+    from conftest import ServerProcess
+
+    run = json_run
+    assert run.rc == 0, run.show()
+    path = Path(run.data_dir) / "certifications" / "native.json"
+    rec = json.loads(path.read_text())
+
+    def providers(srv: ServerProcess) -> tuple[dict[str, dict], dict]:
+        with srv.client() as c:
+            listed = {p["name"]: p for p in c.get("/providers").json()}
+            one = c.get("/providers/native").json()
+        return listed, one
+
+    srv = ServerProcess(data_dir=run.data_dir, provider="native").start()
+    try:
+        listed, one = providers(srv)
+        assert listed["native"]["certified"] is True, listed["native"]
+        assert listed["native"]["certified_at"] == rec["ran_at"]
+        assert listed["native"]["unenforced"] == []
+        # no record for the others on this data dir
+        for name, p in listed.items():
+            if name != "native":
+                assert p["certified"] is False and p["certified_at"] is None, p
+        assert one["certification"]["passed"] is True
+        assert one["certification"]["valid_for_this_host"] is True
+        assert one["certification"]["checks_passed"] == rec["checks_passed"]
+
+        # The same record from a host of another class does not count here.
+        other = dict(rec, host=dict(rec["host"], kernel_release="0.0.1-elsewhere"))
+        path.write_text(json.dumps(other))
+        listed, one = providers(srv)
+        assert listed["native"]["certified"] is False, listed["native"]
+        assert listed["native"]["certified_at"] is None
+        assert one["certification"]["valid_for_this_host"] is False
+
+        # Nor does a failed run on this host.
+        path.write_text(json.dumps(dict(rec, passed=False, checks_failed=1)))
+        listed, _ = providers(srv)
+        assert listed["native"]["certified"] is False
+    finally:
+        path.write_text(json.dumps(rec))
+        srv.stop()

@@ -47,15 +47,20 @@ from conftest import (
 BACKEND = REPO / "examples" / "custom-backend" / "reference_backend.py"
 BACKEND_TOKEN = "e2e-backend-token-" + secrets.token_hex(8)
 BACKEND_MAX_MEMORY_MB = 1024
-BACKEND_CAPABILITIES = [
-    "exec",
-    "files",
-    "streaming",
-    "preview",
-    "isolated_pids",
-    "isolated_filesystem",
-    "isolated_hostname",
-]
+
+
+def _backend_module():
+    """The reference backend's own module (for the capabilities it declares)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_backend", BACKEND)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# What the backend declares on /v1/health; the server must report exactly that.
+BACKEND_CAPABILITIES = _backend_module().CAPABILITIES
 
 
 # --------------------------------------------------------------------------

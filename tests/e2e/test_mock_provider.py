@@ -84,7 +84,8 @@ def test_providers_show_mock_without_isolation(mock_server, client):
     assert mock["isolation"] == "none", mock
     assert mock["healthy"] is True, mock
     assert mock["default"] is True, mock
-    assert sorted(mock["capabilities"]) == ["exec", "files", "streaming"], mock
+    # It runs no program, so it does not claim `exec`.
+    assert sorted(mock["capabilities"]) == ["files", "simulated_exec", "streaming"], mock
     log = mock_server.log_text()
     assert "ISOLATE NOTHING and RUN NO CODE" in log, log[-2000:]
 

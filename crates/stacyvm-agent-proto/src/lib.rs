@@ -37,8 +37,24 @@
 //! to the app through it. Errors are ordinary answers instead of the `101`:
 //! `400 invalid_request` (port outside 1–65535, no upgrade headers) or
 //! `502` [`codes::PORT_CLOSED`] when nothing accepts connections on the port.
+//!
+//! ## Shared behaviour
+//!
+//! Besides the wire types, this crate holds what every implementation of the
+//! agent's side must do the same way: the routes ([`Route`]), the error
+//! answers ([`error`]), query strings ([`query`]), request checks and limits
+//! ([`request`]), glob matching and the walk ([`glob`]), paths ([`path`]),
+//! directory listings ([`FileEntry::listing`]) and timestamps
+//! ([`timestamp`]). None of it does I/O itself: where a filesystem is
+//! needed, the caller supplies it (the agent the real one, the mock
+//! provider's in-process agent a sandbox root directory).
 
+pub mod error;
+pub mod glob;
 pub mod path;
+pub mod query;
+pub mod request;
+pub mod timestamp;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -56,11 +72,78 @@ pub const DEFAULT_WORKDIR: &str = "/workspace";
 /// The `Upgrade` protocol token of `GET /v1/tunnel`.
 pub const TUNNEL_UPGRADE: &str = "tcp";
 
+/// One route of the protocol (the table above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    Exec,
+    ReadFile,
+    WriteFile,
+    DeleteFile,
+    ListFiles,
+    StatFile,
+    Glob,
+    MoveFile,
+    Chmod,
+    Logs,
+    Stats,
+    Tunnel,
+}
+
+impl Route {
+    /// Every route: (method, path, route).
+    pub const ALL: [(&'static str, &'static str, Route); 13] = [
+        ("GET", "/v1/health", Route::Health),
+        ("POST", "/v1/exec", Route::Exec),
+        ("GET", "/v1/files", Route::ReadFile),
+        ("PUT", "/v1/files", Route::WriteFile),
+        ("DELETE", "/v1/files", Route::DeleteFile),
+        ("GET", "/v1/files/list", Route::ListFiles),
+        ("GET", "/v1/files/stat", Route::StatFile),
+        ("GET", "/v1/files/glob", Route::Glob),
+        ("POST", "/v1/files/move", Route::MoveFile),
+        ("POST", "/v1/files/chmod", Route::Chmod),
+        ("GET", "/v1/logs", Route::Logs),
+        ("GET", "/v1/stats", Route::Stats),
+        ("GET", "/v1/tunnel", Route::Tunnel),
+    ];
+
+    /// The route of a request: `404 not_found` for an unknown path, `405`
+    /// for a known path called with another method.
+    pub fn of(method: &str, path: &str) -> Result<Route, error::ApiError> {
+        let mut known_path = false;
+        for (m, p, route) in Route::ALL {
+            if p == path {
+                if m == method {
+                    return Ok(route);
+                }
+                known_path = true;
+            }
+        }
+        Err(if known_path {
+            error::ApiError::method_not_allowed(&method, path)
+        } else {
+            error::ApiError::no_route(path)
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Health {
     pub status: String,
     pub version: String,
     pub pid: u32,
+}
+
+impl Health {
+    /// The answer of an agent of `version` running as `pid`.
+    pub fn ok(version: &str, pid: u32) -> Health {
+        Health {
+            status: "ok".to_string(),
+            version: version.to_string(),
+            pid,
+        }
+    }
 }
 
 /// One command to run. The server has already turned shell mode into
@@ -90,6 +173,19 @@ pub struct ExecRequest {
 
 fn default_workdir() -> String {
     DEFAULT_WORKDIR.to_string()
+}
+
+impl ExecRequest {
+    /// A request to run `argv` with every other field as a JSON request
+    /// that names only `argv` has it (the working directory is
+    /// [`DEFAULT_WORKDIR`]).
+    pub fn new<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> ExecRequest {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            workdir: default_workdir(),
+            ..ExecRequest::default()
+        }
+    }
 }
 
 /// Default cap per output stream.
@@ -132,6 +228,64 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// The output stream an [`ExecEvent`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout = 0,
+    Stderr = 1,
+}
+
+impl OutputStream {
+    /// The `stream` of its events.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+
+    /// 0 for stdout, 1 for stderr (to index per-stream state).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl ExecEvent {
+    /// An output line: `data` written to `stream`.
+    pub fn output(stream: OutputStream, data: String) -> ExecEvent {
+        ExecEvent {
+            stream: stream.name().to_string(),
+            data,
+            exit_code: None,
+            duration_ns: None,
+            timed_out: false,
+            truncated: false,
+        }
+    }
+
+    /// The last line, for `result`.
+    pub fn exit(result: &ExecResult) -> ExecEvent {
+        ExecEvent {
+            stream: "exit".to_string(),
+            data: String::new(),
+            exit_code: Some(result.exit_code),
+            duration_ns: Some(result.duration_ns),
+            timed_out: result.timed_out,
+            truncated: result.truncated,
+        }
+    }
+
+    /// This event as one NDJSON line (with its newline).
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+/// The exit code of a command killed at its timeout: `128 + SIGKILL`.
+pub const TIMEOUT_EXIT_CODE: i32 = 128 + 9;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
     pub path: String,
@@ -144,6 +298,47 @@ pub struct FileEntry {
     pub mod_time: String,
     #[serde(default, skip_serializing_if = "is_false")]
     pub is_symlink: bool,
+}
+
+#[cfg(unix)]
+impl FileEntry {
+    /// The entry of `path` (named `name`) from its `lstat` metadata.
+    pub fn from_metadata(path: String, name: String, m: &std::fs::Metadata) -> FileEntry {
+        use std::os::unix::fs::MetadataExt;
+        FileEntry {
+            path,
+            name,
+            size: m.len(),
+            mode: format_mode(m.mode()),
+            is_dir: m.is_dir(),
+            mod_time: timestamp::rfc3339(m.mtime()),
+            is_symlink: m.file_type().is_symlink(),
+        }
+    }
+
+    /// The answer of `GET /v1/files/list` for the directory `dir`
+    /// (normalized): its entries, as read, with their `lstat` metadata
+    /// (`None` for an entry removed meanwhile, which is skipped), sorted by
+    /// name and without the reserved tree. An error reading the directory
+    /// is the answer.
+    pub fn listing(
+        dir: &str,
+        entries: impl IntoIterator<Item = std::io::Result<(String, Option<std::fs::Metadata>)>>,
+    ) -> Result<Vec<FileEntry>, error::ApiError> {
+        let mut out = Vec::new();
+        for ent in entries {
+            let (name, meta) = ent.map_err(|e| error::ApiError::from_io(&e, dir))?;
+            let full = path::join(dir, &name);
+            if path::is_reserved(&full) {
+                continue;
+            }
+            if let Some(m) = meta {
+                out.push(FileEntry::from_metadata(full, name, &m));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -250,8 +445,63 @@ mod tests {
     }
 
     #[test]
+    fn routes() {
+        assert_eq!(Route::of("GET", "/v1/health"), Ok(Route::Health));
+        assert_eq!(Route::of("DELETE", "/v1/files"), Ok(Route::DeleteFile));
+        assert_eq!(Route::of("POST", "/v1/files/chmod"), Ok(Route::Chmod));
+        let e = Route::of("POST", "/v1/files").unwrap_err();
+        assert_eq!((e.status, e.code), (405, "method_not_allowed"));
+        assert_eq!(e.message, "method POST is not allowed on /v1/files");
+        let e = Route::of("get", "/v1/health").unwrap_err();
+        assert_eq!(e.status, 405);
+        let e = Route::of("GET", "/v2/health").unwrap_err();
+        assert_eq!((e.status, e.code), (404, "not_found"));
+        assert_eq!(e.message, "no such route: /v2/health");
+    }
+
+    #[test]
+    fn listings_hide_the_agent_and_sort() {
+        let m = std::fs::symlink_metadata("/").unwrap();
+        let items = ["b", ".stacyvm", "a", "gone"]
+            .map(|n| Ok((n.to_string(), (n != "gone").then(|| m.clone()))));
+        let l = FileEntry::listing("/", items).unwrap();
+        let paths: Vec<_> = l.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/a", "/b"]);
+        assert!(l[0].is_dir);
+        let err = FileEntry::listing("/d", [Err(std::io::Error::from_raw_os_error(13))]);
+        assert_eq!(err.unwrap_err().message, "permission denied: /d");
+    }
+
+    #[test]
+    fn exec_events() {
+        let ev = ExecEvent::output(OutputStream::Stderr, "x".into());
+        assert_eq!(ev.to_line(), b"{\"stream\":\"stderr\",\"data\":\"x\"}\n");
+        let r = ExecResult {
+            exit_code: 3,
+            stdout: String::new(),
+            stderr: String::new(),
+            duration_ns: 7,
+            truncated: false,
+            timed_out: true,
+        };
+        let ev = ExecEvent::exit(&r);
+        assert_eq!(
+            (
+                ev.stream.as_str(),
+                ev.exit_code,
+                ev.duration_ns,
+                ev.timed_out
+            ),
+            ("exit", Some(3), Some(7), true)
+        );
+        assert_eq!(OutputStream::Stdout.index(), 0);
+        assert_eq!(OutputStream::Stderr.index(), 1);
+    }
+
+    #[test]
     fn exec_request_defaults() {
         let r: ExecRequest = serde_json::from_str(r#"{"argv":["true"]}"#).unwrap();
+        assert_eq!(r, ExecRequest::new(["true"]));
         assert_eq!(r.workdir, "/workspace");
         assert_eq!(r.timeout_ms, 0);
         assert!(!r.stream);

@@ -1,5 +1,6 @@
 //! Validation of paths inside a sandbox, shared by the server (first line of
-//! defence, for clear 400s) and the agent (which re-checks everything).
+//! defence, for clear 400s) and the agent (which re-checks everything), and
+//! the helpers that take normalized paths apart and put them together.
 
 use std::fmt;
 
@@ -72,6 +73,31 @@ pub fn is_reserved(normalized: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// The last component of a normalized path (`/` for the root).
+pub fn base_name(p: &str) -> String {
+    match p.rsplit_once('/') {
+        Some((_, "")) | None => "/".to_string(),
+        Some((_, name)) => name.to_string(),
+    }
+}
+
+/// The parent directory of a normalized path other than `/`.
+pub fn parent_of(p: &str) -> &str {
+    match p.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &p[..i],
+    }
+}
+
+/// `dir/name` for a normalized `dir`.
+pub fn join(dir: &str, name: &str) -> String {
+    if dir == "/" {
+        format!("/{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +126,16 @@ mod tests {
         );
         assert_eq!(normalize("/.stacyvm"), Err(PathError::Reserved));
         assert!(normalize(&format!("/{}", "a".repeat(5000))).is_err());
+    }
+
+    #[test]
+    fn path_pieces() {
+        assert_eq!(base_name("/"), "/");
+        assert_eq!(base_name("/a"), "a");
+        assert_eq!(base_name("/a/b.txt"), "b.txt");
+        assert_eq!(parent_of("/a"), "/");
+        assert_eq!(parent_of("/a/b/c"), "/a/b");
+        assert_eq!(join("/", "x"), "/x");
+        assert_eq!(join("/a", "x"), "/a/x");
     }
 }

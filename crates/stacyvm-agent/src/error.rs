@@ -1,159 +1,25 @@
-//! The agent's one error type: an HTTP status plus an [`ErrorBody`].
+//! The agent's one error type: an HTTP status plus an
+//! [`ErrorBody`](stacyvm_agent_proto::ErrorBody), shared with the mock
+//! provider through the protocol crate.
 
-use hyper::StatusCode;
-use stacyvm_agent_proto::{codes, path::PathError, ErrorBody};
-use std::fmt;
-use std::io;
+use stacyvm_agent_proto::error::errno;
+pub use stacyvm_agent_proto::error::{io_message, ApiError};
 
-/// An error answer: status code, API error code and a human message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
+// The protocol crate maps I/O errors by the generic Linux errno numbers;
+// they must be this target's.
+const _: () = assert!(
+    errno::EPERM == libc::EPERM
+        && errno::ENOENT == libc::ENOENT
+        && errno::EACCES == libc::EACCES
+        && errno::EEXIST == libc::EEXIST
+        && errno::ENOTDIR == libc::ENOTDIR
+        && errno::EISDIR == libc::EISDIR
+        && errno::EINVAL == libc::EINVAL
+        && errno::ENOTEMPTY == libc::ENOTEMPTY
+        && errno::ELOOP == libc::ELOOP
+);
 
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// 400 `invalid_request`.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, codes::INVALID_REQUEST, message)
-    }
-
-    /// 404 `file_not_found` for `path`.
-    pub fn no_such_file(path: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            codes::FILE_NOT_FOUND,
-            format!("no such file: {path}"),
-        )
-    }
-
-    /// 409 `conflict`.
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, codes::CONFLICT, message)
-    }
-
-    /// 401 `unauthorized`: the TCP transport's bearer token is missing or wrong.
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    }
-
-    /// 403 `forbidden`.
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, codes::FORBIDDEN, message)
-    }
-
-    /// 502 `port_closed`: the tunnel could not connect to a port.
-    pub fn port_closed(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, codes::PORT_CLOSED, message)
-    }
-
-    /// 500 `internal`.
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, message)
-    }
-
-    /// 404 `not_found` for an unknown route.
-    pub fn no_route(path: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no such route: {path}"),
-        )
-    }
-
-    /// 405 for a known route called with the wrong method.
-    pub fn method_not_allowed(method: &hyper::Method, path: &str) -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("method {method} is not allowed on {path}"),
-        )
-    }
-
-    /// 413 `payload_too_large`.
-    pub fn too_large(limit: usize) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request body is larger than {limit} bytes"),
-        )
-    }
-
-    /// Map an I/O error from an operation on `path` to an answer.
-    pub fn from_io(err: &io::Error, path: &str) -> Self {
-        match err.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Self::no_such_file(path),
-            Some(libc::EACCES) | Some(libc::EPERM) => {
-                Self::forbidden(format!("permission denied: {path}"))
-            }
-            Some(libc::ENOTEMPTY) => Self::conflict(format!("directory not empty: {path}")),
-            Some(libc::EEXIST) => Self::conflict(format!("already exists: {path}")),
-            Some(libc::EISDIR) => Self::invalid(format!("{path} is a directory")),
-            Some(libc::EINVAL) => Self::invalid(format!("{path}: {}", io_message(err))),
-            _ => Self::internal(format!("{path}: {}", io_message(err))),
-        }
-    }
-
-    /// The JSON body of this error.
-    pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            code: self.code.to_string(),
-            message: self.message.clone(),
-        }
-    }
-}
-
-impl fmt::Display for ApiError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status.as_u16(),
-            self.code,
-            self.message
-        )
-    }
-}
-
-impl From<PathError> for ApiError {
-    fn from(e: PathError) -> Self {
-        ApiError::invalid(e.to_string())
-    }
-}
-
-/// An I/O error's message without std's " (os error N)" suffix.
-pub fn io_message(err: &io::Error) -> String {
-    let s = err.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) if s.ends_with(')') => s[..i].to_string(),
-        _ => s,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn io_errors_map_to_codes() {
-        let e = ApiError::from_io(&io::Error::from_raw_os_error(libc::ENOENT), "/x");
-        assert_eq!(e.status, StatusCode::NOT_FOUND);
-        assert_eq!(e.message, "no such file: /x");
-        let e = ApiError::from_io(&io::Error::from_raw_os_error(libc::EACCES), "/x");
-        assert_eq!(e.status, StatusCode::FORBIDDEN);
-        let e = ApiError::from_io(&io::Error::from_raw_os_error(libc::EIO), "/x");
-        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(e.message, "/x: Input/output error");
-        let e: ApiError = PathError::Relative.into();
-        assert_eq!(e.code, "invalid_request");
-    }
+/// The HTTP status of an error.
+pub fn status(err: &ApiError) -> hyper::StatusCode {
+    hyper::StatusCode::from_u16(err.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR)
 }

@@ -11,7 +11,8 @@ use crate::utf8::{incomplete_tail, lossy, Utf8Chunker};
 use bytes::Bytes;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::Response;
-use stacyvm_agent_proto::{path, ExecEvent, ExecRequest, ExecResult, DEFAULT_OUTPUT_LIMIT};
+use stacyvm_agent_proto::request::{plan_exec, ExecPlan as Plan};
+use stacyvm_agent_proto::{ExecEvent, ExecRequest, ExecResult, OutputStream, TIMEOUT_EXIT_CODE};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -33,68 +34,13 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Streamed output waiting for a slow client before reads pause.
 const MAX_PENDING: usize = 1024 * 1024;
 
-/// A validated exec request.
-struct Plan {
-    req: ExecRequest,
-    workdir: String,
-    limit: usize,
-}
+// What the protocol says a command killed at its timeout exits with.
+const _: () = assert!(TIMEOUT_EXIT_CODE == 128 + libc::SIGKILL);
 
-fn validate(mut req: ExecRequest) -> Result<Plan, ApiError> {
-    let Some(argv0) = req.argv.first() else {
-        return Err(ApiError::invalid("argv must not be empty"));
-    };
-    if argv0.is_empty() {
-        return Err(ApiError::invalid("argv[0] must not be empty"));
-    }
-    if req.argv.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::invalid("argv contains a NUL byte"));
-    }
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(ApiError::invalid(format!(
-                "invalid environment variable name {k:?}"
-            )));
-        }
-        if v.contains('\0') {
-            return Err(ApiError::invalid(format!(
-                "environment variable {k} contains a NUL byte"
-            )));
-        }
-    }
-    if req.workdir.is_empty() {
-        req.workdir = stacyvm_agent_proto::DEFAULT_WORKDIR.to_string();
-    }
-    let workdir =
-        path::normalize(&req.workdir).map_err(|e| ApiError::invalid(format!("workdir: {e}")))?;
-    match std::fs::metadata(&workdir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(ApiError::invalid(format!(
-                "workdir {workdir} is not a directory"
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(ApiError::invalid(format!(
-                "workdir {workdir} does not exist"
-            )))
-        }
-        Err(e) => {
-            return Err(ApiError::invalid(format!(
-                "workdir {workdir}: {}",
-                io_message(&e)
-            )))
-        }
-    }
-    let limit = match req.output_limit {
-        0 => DEFAULT_OUTPUT_LIMIT,
-        n => n,
-    };
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    Ok(Plan {
-        req,
-        workdir,
-        limit,
+/// Check a request (the working directory must exist here).
+fn validate(req: ExecRequest) -> Result<Plan, ApiError> {
+    plan_exec(req, |workdir| {
+        std::fs::metadata(workdir).map(|m| m.is_dir())
     })
 }
 
@@ -246,22 +192,6 @@ async fn run(reaper: &Reaper, plan: Plan, tx: Option<BodySender>) -> Result<Exec
     Ok(drive(plan, started, tx).await)
 }
 
-/// Which output stream a chunk came from.
-#[derive(Clone, Copy)]
-enum Which {
-    Stdout,
-    Stderr,
-}
-
-impl Which {
-    fn name(self) -> &'static str {
-        match self {
-            Which::Stdout => "stdout",
-            Which::Stderr => "stderr",
-        }
-    }
-}
-
 /// Accumulated output: collected in memory, or turned into NDJSON events
 /// waiting to be sent.
 struct Output {
@@ -294,8 +224,8 @@ impl Output {
     }
 
     /// Take a chunk read from `which`, honouring the limit.
-    fn push(&mut self, which: Which, data: &[u8]) {
-        let i = which as usize;
+    fn push(&mut self, which: OutputStream, data: &[u8]) {
+        let i = which.index();
         let room = self.limit.saturating_sub(self.kept[i]);
         let take = room.min(data.len());
         if take < data.len() {
@@ -315,30 +245,22 @@ impl Output {
     }
 
     /// End of `which`: flush a carried incomplete character.
-    fn finish(&mut self, which: Which) {
+    fn finish(&mut self, which: OutputStream) {
         if self.streaming {
-            let text = self.chunkers[which as usize].finish();
+            let text = self.chunkers[which.index()].finish();
             self.queue_text(which, text);
         }
     }
 
-    fn queue_text(&mut self, which: Which, text: String) {
+    fn queue_text(&mut self, which: OutputStream, text: String) {
         if text.is_empty() {
             return;
         }
-        self.queue_event(&ExecEvent {
-            stream: which.name().to_string(),
-            data: text,
-            exit_code: None,
-            duration_ns: None,
-            timed_out: false,
-            truncated: false,
-        });
+        self.queue_event(&ExecEvent::output(which, text));
     }
 
     fn queue_event(&mut self, ev: &ExecEvent) {
-        let mut line = serde_json::to_vec(ev).unwrap_or_default();
-        line.push(b'\n');
+        let line = ev.to_line();
         self.pending_bytes += line.len();
         self.pending.push_back(Bytes::from(line));
     }
@@ -350,8 +272,8 @@ impl Output {
     }
 
     /// The collected output of `which` as a string.
-    fn text(&mut self, which: Which) -> String {
-        let mut bytes = std::mem::take(&mut self.collected[which as usize]);
+    fn text(&mut self, which: OutputStream) -> String {
+        let mut bytes = std::mem::take(&mut self.collected[which.index()]);
         if self.truncated {
             // The cut may have split a character.
             let keep = bytes.len() - incomplete_tail(&bytes);
@@ -418,12 +340,12 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
     let run = match started {
         Started::Running(r) => r,
         Started::Failed { code, message } => {
-            output.push(Which::Stderr, message.as_bytes());
-            output.finish(Which::Stderr);
+            output.push(OutputStream::Stderr, message.as_bytes());
+            output.finish(OutputStream::Stderr);
             let result = ExecResult {
                 exit_code: code,
                 stdout: String::new(),
-                stderr: output.text(Which::Stderr),
+                stderr: output.text(OutputStream::Stderr),
                 duration_ns: 0,
                 truncated: false,
                 timed_out: false,
@@ -466,17 +388,17 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
         let has_pending = !output.pending.is_empty();
         tokio::select! {
             r = read_pipe(&mut stdout, &mut out_buf), if accepting && stdout.is_some() => match r {
-                Ok(n) if n > 0 => output.push(Which::Stdout, &out_buf[..n]),
+                Ok(n) if n > 0 => output.push(OutputStream::Stdout, &out_buf[..n]),
                 _ => {
                     stdout = None;
-                    output.finish(Which::Stdout);
+                    output.finish(OutputStream::Stdout);
                 }
             },
             r = read_pipe(&mut stderr, &mut err_buf), if accepting && stderr.is_some() => match r {
-                Ok(n) if n > 0 => output.push(Which::Stderr, &err_buf[..n]),
+                Ok(n) if n > 0 => output.push(OutputStream::Stderr, &err_buf[..n]),
                 _ => {
                     stderr = None;
-                    output.finish(Which::Stderr);
+                    output.finish(OutputStream::Stderr);
                 }
             },
             s = &mut status_rx, if status.is_none() => {
@@ -535,8 +457,8 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
     // (discarding) so those processes don't die of SIGPIPE on their next
     // write once the answer is out.
     for (pipe, which) in [
-        (stdout.take(), Which::Stdout),
-        (stderr.take(), Which::Stderr),
+        (stdout.take(), OutputStream::Stdout),
+        (stderr.take(), OutputStream::Stderr),
     ] {
         if let Some(p) = pipe {
             output.finish(which);
@@ -545,7 +467,7 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
     }
     let exit = match status {
         Some(s) => exit_code(s),
-        None if timed_out => 128 + libc::SIGKILL,
+        None if timed_out => TIMEOUT_EXIT_CODE,
         None => -1,
     };
     if duration.is_zero() {
@@ -559,8 +481,8 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
     mem::transferred((output.kept[0] + output.kept[1]) as u64);
     let result = ExecResult {
         exit_code: exit,
-        stdout: output.text(Which::Stdout),
-        stderr: output.text(Which::Stderr),
+        stdout: output.text(OutputStream::Stdout),
+        stderr: output.text(OutputStream::Stderr),
         duration_ns: u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX),
         truncated: output.truncated,
         timed_out,
@@ -574,14 +496,7 @@ async fn drive(plan: Plan, started: Started, mut tx: Option<BodySender>) -> Exec
 /// When streaming, send what is still queued and the final `exit` event.
 async fn finish_stream(tx: &mut Option<BodySender>, output: &mut Output, result: &ExecResult) {
     let Some(sender) = tx.take() else { return };
-    output.queue_event(&ExecEvent {
-        stream: "exit".to_string(),
-        data: String::new(),
-        exit_code: Some(result.exit_code),
-        duration_ns: Some(result.duration_ns),
-        timed_out: result.timed_out,
-        truncated: result.truncated,
-    });
+    output.queue_event(&ExecEvent::exit(result));
     while let Some(b) = output.pop() {
         if sender.send(Ok(b)).await.is_err() {
             return;
@@ -593,53 +508,42 @@ async fn finish_stream(tx: &mut Option<BodySender>, output: &mut Output, result:
 mod tests {
     use super::*;
 
-    fn req(argv: &[&str]) -> ExecRequest {
-        ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            workdir: "/".to_string(),
-            ..Default::default()
-        }
+    /// Check `true` run in `workdir`: the working directory, or the message.
+    fn check(workdir: &str) -> Result<String, String> {
+        let req = ExecRequest {
+            workdir: workdir.into(),
+            ..ExecRequest::new(["true"])
+        };
+        validate(req).map(|p| p.workdir).map_err(|e| e.message)
     }
 
     #[test]
-    fn validation() {
-        assert!(validate(req(&[])).is_err());
-        assert!(validate(req(&[""])).is_err());
-        assert!(validate(req(&["a\0b"])).is_err());
-        assert!(validate(req(&["true"])).is_ok());
-        let mut r = req(&["true"]);
-        r.workdir = "/definitely/not/here".into();
-        let e = validate(r).err().unwrap();
-        assert_eq!(e.message, "workdir /definitely/not/here does not exist");
-        let mut r = req(&["true"]);
-        r.workdir = "relative".into();
-        assert!(validate(r).is_err());
-        let mut r = req(&["true"]);
-        r.env.insert("A=B".into(), "x".into());
-        assert!(validate(r).is_err());
-        let mut r = req(&["true"]);
-        r.env.insert("A".into(), "x\0".into());
-        assert!(validate(r).is_err());
+    fn the_workdir_must_be_a_directory_here() {
+        assert_eq!(check("/tmp/"), Ok("/tmp".into()));
+        let missing = check("/definitely/not/here").unwrap_err();
+        assert_eq!(missing, "workdir /definitely/not/here does not exist");
+        let file = check("/proc/self/status").unwrap_err();
+        assert_eq!(file, "workdir /proc/self/status is not a directory");
     }
 
     #[test]
     fn output_limit_and_truncation() {
         let mut o = Output::new(4, false);
-        o.push(Which::Stdout, b"ab");
-        o.push(Which::Stdout, b"cdef");
-        o.push(Which::Stderr, "é€".as_bytes()); // 5 bytes, cut inside '€'
+        o.push(OutputStream::Stdout, b"ab");
+        o.push(OutputStream::Stdout, b"cdef");
+        o.push(OutputStream::Stderr, "é€".as_bytes()); // 5 bytes, cut inside '€'
         assert!(o.truncated);
-        assert_eq!(o.text(Which::Stdout), "abcd");
-        assert_eq!(o.text(Which::Stderr), "é");
+        assert_eq!(o.text(OutputStream::Stdout), "abcd");
+        assert_eq!(o.text(OutputStream::Stderr), "é");
     }
 
     #[test]
     fn streamed_events_are_ndjson() {
         let mut o = Output::new(100, true);
-        o.push(Which::Stdout, b"hi\n");
-        o.push(Which::Stderr, &"€".as_bytes()[..1]);
+        o.push(OutputStream::Stdout, b"hi\n");
+        o.push(OutputStream::Stderr, &"€".as_bytes()[..1]);
         assert_eq!(o.pending.len(), 1);
-        o.push(Which::Stderr, &"€".as_bytes()[1..]);
+        o.push(OutputStream::Stderr, &"€".as_bytes()[1..]);
         let a = o.pop().unwrap();
         let b = o.pop().unwrap();
         assert!(o.pop().is_none());

@@ -1,10 +1,12 @@
 //! The `/v1/files*` routes: read, write, delete, list, stat, glob, move,
-//! chmod. Every path goes through [`path::normalize`].
+//! chmod. Every path goes through [`stacyvm_agent_proto::path::normalize`];
+//! the checks of the requests are the protocol crate's
+//! ([`stacyvm_agent_proto::request`]).
 //!
 //! Blocking filesystem work runs on tokio's blocking pool so a slow disk or a
 //! big tree never stalls the event loop (and with it every running exec).
 
-use crate::body::{self, Body};
+use crate::body::{self, status, Body};
 use crate::error::ApiError;
 use crate::glob;
 use crate::mem;
@@ -13,11 +15,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::Response;
-use stacyvm_agent_proto::{
-    format_mode, parse_mode, path, ChmodRequest, FileEntry, MoveRequest, Status, WriteResult,
+use stacyvm_agent_proto::path::{base_name, join, parent_of};
+use stacyvm_agent_proto::request::{
+    chmod_target, delete_target, move_needed, move_paths, normalize, write_target,
 };
+use stacyvm_agent_proto::{ChmodRequest, FileEntry, MoveRequest, WriteResult};
 use std::collections::VecDeque;
-use std::fs::{self, File, Metadata};
+use std::fs::{self, File};
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -30,8 +34,6 @@ const READ_CHUNK: usize = 256 * 1024;
 const WRITE_QUEUE: usize = 32;
 /// The upload writer gathers up to this many bytes into one vectored write.
 const WRITE_BATCH: usize = 1024 * 1024;
-/// Default mode of uploaded files.
-const DEFAULT_FILE_MODE: u32 = 0o644;
 
 /// Run blocking filesystem work off the event loop.
 async fn blocking<T, F>(f: F) -> Result<T, ApiError>
@@ -42,64 +44,6 @@ where
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(ApiError::internal(format!("file task failed: {e}"))))
-}
-
-fn normalize(p: &str) -> Result<String, ApiError> {
-    Ok(path::normalize(p)?)
-}
-
-/// The last component of a normalized path (`/` for the root).
-fn base_name(p: &str) -> String {
-    match p.rsplit_once('/') {
-        Some((_, "")) | None => "/".to_string(),
-        Some((_, name)) => name.to_string(),
-    }
-}
-
-/// The parent directory of a normalized path other than `/`.
-fn parent_of(p: &str) -> &str {
-    match p.rfind('/') {
-        Some(0) | None => "/",
-        Some(i) => &p[..i],
-    }
-}
-
-fn join(dir: &str, name: &str) -> String {
-    if dir == "/" {
-        format!("/{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
-}
-
-/// RFC 3339 UTC, whole seconds.
-pub fn rfc3339(unix_secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix_secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
-}
-
-/// A [`FileEntry`] from `lstat` metadata.
-pub fn entry(path: String, name: String, m: &Metadata) -> FileEntry {
-    FileEntry {
-        path,
-        name,
-        size: m.len(),
-        mode: format_mode(m.mode()),
-        is_dir: m.is_dir(),
-        mod_time: rfc3339(m.mtime()),
-        is_symlink: m.file_type().is_symlink(),
-    }
-}
-
-fn status(status: &str) -> Response<Body> {
-    body::ok(&Status {
-        status: status.to_string(),
-    })
 }
 
 /// `GET /v1/files?path=`: stream the file's bytes.
@@ -201,12 +145,7 @@ fn create_parents(dir: &str) -> Result<(), ApiError> {
         .recursive(true)
         .mode(0o755)
         .create(dir)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EEXIST) | Some(libc::ENOTDIR) => ApiError::invalid(format!(
-                "cannot create directory {dir}: a parent is not a directory"
-            )),
-            _ => ApiError::from_io(&e, dir),
-        })
+        .map_err(|e| ApiError::from_create_dirs_io(&e, dir))
 }
 
 /// Write every buffer in `bufs` (emptying it), with vectored writes.
@@ -239,16 +178,7 @@ pub async fn write(
     raw_mode: Option<&str>,
     body: Incoming,
 ) -> Result<Response<Body>, ApiError> {
-    let p = normalize(raw_path)?;
-    if p == "/" {
-        return Err(ApiError::invalid("/ is a directory"));
-    }
-    let mode = match raw_mode {
-        None | Some("") => DEFAULT_FILE_MODE,
-        Some(m) => parse_mode(m).ok_or_else(|| {
-            ApiError::invalid(format!("invalid mode {m:?}: expected octal digits"))
-        })?,
-    };
+    let (p, mode) = write_target(raw_path, raw_mode)?;
     let target = p.clone();
     let (file, tmp) = blocking(move || {
         if fs::metadata(&target).is_ok_and(|m| m.is_dir()) {
@@ -369,10 +299,7 @@ impl Drop for TempFile {
 
 /// `DELETE /v1/files?path=&recursive=`.
 pub async fn delete(raw_path: &str, recursive: bool) -> Result<Response<Body>, ApiError> {
-    let p = normalize(raw_path)?;
-    if p == "/" {
-        return Err(ApiError::invalid("refusing to delete /"));
-    }
+    let p = delete_target(raw_path)?;
     blocking(move || {
         let meta = fs::symlink_metadata(&p).map_err(|e| ApiError::from_io(&e, &p))?;
         let res = if !meta.is_dir() {
@@ -383,12 +310,7 @@ pub async fn delete(raw_path: &str, recursive: bool) -> Result<Response<Body>, A
         } else {
             fs::remove_dir(&p)
         };
-        res.map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => {
-                ApiError::conflict(format!("directory {p} is not empty (use recursive=true)"))
-            }
-            _ => ApiError::from_io(&e, &p),
-        })
+        res.map_err(|e| ApiError::from_delete_io(&e, &p))
     })
     .await?;
     Ok(status("deleted"))
@@ -403,22 +325,18 @@ pub async fn list(raw_path: &str) -> Result<Response<Body>, ApiError> {
             return Err(ApiError::invalid(format!("{p} is not a directory")));
         }
         let dir = fs::read_dir(&p).map_err(|e| ApiError::from_io(&e, &p))?;
-        let mut out = Vec::new();
-        for ent in dir {
-            let ent = ent.map_err(|e| ApiError::from_io(&e, &p))?;
-            let name = ent.file_name().to_string_lossy().into_owned();
-            let full = join(&p, &name);
-            if path::is_reserved(&full) {
-                continue;
-            }
-            // DirEntry::metadata does not follow symlinks; an entry removed
-            // meanwhile is skipped.
-            if let Ok(m) = ent.metadata() {
-                out.push(entry(full, name, &m));
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        // DirEntry::metadata does not follow symlinks.
+        FileEntry::listing(
+            &p,
+            dir.map(|ent| {
+                ent.map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        e.metadata().ok(),
+                    )
+                })
+            }),
+        )
     })
     .await?;
     Ok(body::ok(&entries))
@@ -430,7 +348,7 @@ pub async fn stat(raw_path: &str) -> Result<Response<Body>, ApiError> {
     let e = blocking(move || {
         let m = fs::symlink_metadata(&p).map_err(|e| ApiError::from_io(&e, &p))?;
         let name = base_name(&p);
-        Ok(entry(p, name, &m))
+        Ok(FileEntry::from_metadata(p, name, &m))
     })
     .await?;
     Ok(body::ok(&e))
@@ -445,20 +363,11 @@ pub async fn glob(pattern: &str) -> Result<Response<Body>, ApiError> {
 
 /// `POST /v1/files/move`.
 pub async fn rename(req: MoveRequest) -> Result<Response<Body>, ApiError> {
-    let from = normalize(&req.old_path)?;
-    let to = normalize(&req.new_path)?;
-    if from == "/" || to == "/" {
-        return Err(ApiError::invalid("cannot move /"));
-    }
+    let (from, to) = move_paths(&req)?;
     blocking(move || {
         fs::symlink_metadata(&from).map_err(|e| ApiError::from_io(&e, &from))?;
-        if from == to {
+        if !move_needed(&from, &to)? {
             return Ok(());
-        }
-        if to.starts_with(&format!("{from}/")) {
-            return Err(ApiError::invalid(format!(
-                "cannot move {from} into itself ({to})"
-            )));
         }
         create_parents(parent_of(&to))?;
         match fs::rename(&from, &to) {
@@ -506,13 +415,7 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 
 /// `POST /v1/files/chmod`.
 pub async fn chmod(req: ChmodRequest) -> Result<Response<Body>, ApiError> {
-    let p = normalize(&req.path)?;
-    let mode = parse_mode(&req.mode).ok_or_else(|| {
-        ApiError::invalid(format!(
-            "invalid mode {:?}: expected octal digits",
-            req.mode
-        ))
-    })?;
+    let (p, mode) = chmod_target(&req)?;
     blocking(move || {
         fs::set_permissions(&p, fs::Permissions::from_mode(mode))
             .map_err(|e| ApiError::from_io(&e, &p))
@@ -524,23 +427,6 @@ pub async fn chmod(req: ChmodRequest) -> Result<Response<Body>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn path_pieces() {
-        assert_eq!(base_name("/"), "/");
-        assert_eq!(base_name("/a"), "a");
-        assert_eq!(base_name("/a/b.txt"), "b.txt");
-        assert_eq!(parent_of("/a"), "/");
-        assert_eq!(parent_of("/a/b/c"), "/a/b");
-        assert_eq!(join("/", "x"), "/x");
-        assert_eq!(join("/a", "x"), "/a/x");
-    }
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-    }
 
     #[test]
     fn random_suffixes_differ() {

@@ -4,27 +4,20 @@
 //! Lines start with an RFC 3339 UTC timestamp. Callers must never log file
 //! contents or environment values.
 
+use stacyvm_agent_proto::timestamp::rfc3339_millis;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;
-use time::format_description::FormatItem;
-use time::macros::format_description;
-use time::OffsetDateTime;
+use std::time::SystemTime;
 
 /// How many lines the ring buffer keeps.
 pub const CAPACITY: usize = 1000;
 
 static LINES: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
 
-const STAMP: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-
 /// Log one line (use the [`alog!`](crate::alog) macro).
 pub fn log(args: std::fmt::Arguments<'_>) {
-    let stamp = OffsetDateTime::now_utc()
-        .format(STAMP)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_string());
-    let line = format!("{stamp} {args}");
+    let line = format!("{} {args}", rfc3339_millis(SystemTime::now()));
     // Stderr may be closed; diagnostics are best effort.
     let _ = writeln!(std::io::stderr().lock(), "{line}");
     push(line);

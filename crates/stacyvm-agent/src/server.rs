@@ -2,7 +2,7 @@
 //! and request routing.
 
 use crate::alog;
-use crate::body::{self, bool_param, query_param, read_json, required_param, Body};
+use crate::body::{self, read_json, Body};
 use crate::error::ApiError;
 use crate::reaper::{self, Reaper};
 use crate::{exec, files, logbuf, stats, tunnel};
@@ -10,9 +10,11 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response};
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use stacyvm_agent_proto::{Health, DEFAULT_WORKDIR};
+use stacyvm_agent_proto::query::{bool_param, query_param, required_param};
+use stacyvm_agent_proto::request::log_lines;
+use stacyvm_agent_proto::{Health, Route, DEFAULT_WORKDIR};
 use std::convert::Infallible;
 use std::fmt;
 use std::fs;
@@ -64,11 +66,6 @@ impl fmt::Debug for Config {
             .finish()
     }
 }
-
-/// Default number of lines `GET /v1/logs` answers.
-const DEFAULT_LOG_LINES: usize = 100;
-/// Most lines `GET /v1/logs` accepts to be asked for.
-const MAX_LOG_LINES: usize = 10_000;
 
 /// Shared state of all connections.
 #[derive(Clone)]
@@ -297,83 +294,33 @@ async fn handle(state: State, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn route(state: State, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let route = Route::of(req.method().as_str(), req.uri().path())?;
     let query = req.uri().query().map(str::to_string);
     let q = query.as_deref();
-    let wrong_method = || ApiError::method_not_allowed(&method, &path);
-    match path.as_str() {
-        "/v1/health" => match method {
-            Method::GET => Ok(body::ok(&Health {
-                status: "ok".to_string(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                pid: std::process::id(),
-            })),
-            _ => Err(wrong_method()),
-        },
-        "/v1/exec" => match method {
-            Method::POST => exec::handle(state.reaper, read_json(req).await?).await,
-            _ => Err(wrong_method()),
-        },
-        "/v1/files" => match method {
-            Method::GET => files::read(&required_param(q, "path")?).await,
-            Method::PUT => {
-                let p = required_param(q, "path")?;
-                let mode = query_param(q, "mode")?;
-                files::write(&p, mode.as_deref(), req.into_body()).await
-            }
-            Method::DELETE => {
-                let p = required_param(q, "path")?;
-                files::delete(&p, bool_param(q, "recursive")?).await
-            }
-            _ => Err(wrong_method()),
-        },
-        "/v1/files/list" => match method {
-            Method::GET => files::list(&required_param(q, "path")?).await,
-            _ => Err(wrong_method()),
-        },
-        "/v1/files/stat" => match method {
-            Method::GET => files::stat(&required_param(q, "path")?).await,
-            _ => Err(wrong_method()),
-        },
-        "/v1/files/glob" => match method {
-            Method::GET => files::glob(&required_param(q, "pattern")?).await,
-            _ => Err(wrong_method()),
-        },
-        "/v1/files/move" => match method {
-            Method::POST => files::rename(read_json(req).await?).await,
-            _ => Err(wrong_method()),
-        },
-        "/v1/files/chmod" => match method {
-            Method::POST => files::chmod(read_json(req).await?).await,
-            _ => Err(wrong_method()),
-        },
-        "/v1/logs" => match method {
-            Method::GET => {
-                let n = match query_param(q, "lines")?.as_deref() {
-                    None | Some("") => DEFAULT_LOG_LINES,
-                    Some(s) => match s.parse::<usize>() {
-                        Ok(n) if n <= MAX_LOG_LINES => n,
-                        _ => {
-                            return Err(ApiError::invalid(format!(
-                                "lines must be a number from 0 to {MAX_LOG_LINES}"
-                            )))
-                        }
-                    },
-                };
-                Ok(body::ok(&logbuf::tail(n)))
-            }
-            _ => Err(wrong_method()),
-        },
-        "/v1/stats" => match method {
-            Method::GET => Ok(body::ok(&stats::collect().await)),
-            _ => Err(wrong_method()),
-        },
-        "/v1/tunnel" => match method {
-            Method::GET => tunnel::handle(req).await,
-            _ => Err(wrong_method()),
-        },
-        _ => Err(ApiError::no_route(&path)),
+    match route {
+        Route::Health => Ok(body::ok(&Health::ok(
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+        ))),
+        Route::Exec => exec::handle(state.reaper, read_json(req).await?).await,
+        Route::ReadFile => files::read(&required_param(q, "path")?).await,
+        Route::WriteFile => {
+            let p = required_param(q, "path")?;
+            let mode = query_param(q, "mode")?;
+            files::write(&p, mode.as_deref(), req.into_body()).await
+        }
+        Route::DeleteFile => {
+            let p = required_param(q, "path")?;
+            files::delete(&p, bool_param(q, "recursive")?).await
+        }
+        Route::ListFiles => files::list(&required_param(q, "path")?).await,
+        Route::StatFile => files::stat(&required_param(q, "path")?).await,
+        Route::Glob => files::glob(&required_param(q, "pattern")?).await,
+        Route::MoveFile => files::rename(read_json(req).await?).await,
+        Route::Chmod => files::chmod(read_json(req).await?).await,
+        Route::Logs => Ok(body::ok(&logbuf::tail(log_lines(q)?))),
+        Route::Stats => Ok(body::ok(&stats::collect().await)),
+        Route::Tunnel => tunnel::handle(req).await,
     }
 }
 

@@ -3,12 +3,13 @@
 //! network namespace, so its loopback is the sandbox's own.
 
 use crate::alog;
-use crate::body::{query_param, Body};
-use crate::error::ApiError;
+use crate::body::Body;
+use crate::error::{io_message, ApiError};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
+use hyper::header::{HeaderName, HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use stacyvm_agent_proto::request::tunnel_port;
 use stacyvm_agent_proto::TUNNEL_UPGRADE;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -21,20 +22,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Copy buffer per direction: large enough for bulk transfers.
 const COPY_BUF: usize = 64 * 1024;
 
-/// Whether a header holds `token` in its comma-separated list.
-fn has_token(req: &Request<Incoming>, name: hyper::header::HeaderName, token: &str) -> bool {
-    req.headers().get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
-/// Parse `port` (1–65535, digits only).
-fn parse_port(s: &str) -> Option<u16> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse::<u16>().ok().filter(|p| *p != 0)
+/// The values of a header that are text.
+fn header_values(req: &Request<Incoming>, name: HeaderName) -> impl Iterator<Item = &str> {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
 }
 
 /// Connect to the port on the IPv4 loopback, then the IPv6 one (dev servers
@@ -58,18 +51,15 @@ async fn connect(port: u16) -> io::Result<TcpStream> {
 }
 
 pub async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let port_s = query_param(req.uri().query(), "port")?.unwrap_or_default();
-    let port = parse_port(&port_s)
-        .ok_or_else(|| ApiError::invalid(format!("port must be 1 to 65535, not {port_s:?}")))?;
-    if !has_token(&req, CONNECTION, "upgrade") || !has_token(&req, UPGRADE, TUNNEL_UPGRADE) {
-        return Err(ApiError::invalid(format!(
-            "the tunnel needs `Connection: Upgrade` and `Upgrade: {TUNNEL_UPGRADE}`"
-        )));
-    }
+    let port = tunnel_port(
+        req.uri().query(),
+        header_values(&req, CONNECTION),
+        header_values(&req, UPGRADE),
+    )?;
     let tcp = connect(port).await.map_err(|e| {
         ApiError::port_closed(format!(
             "cannot connect to port {port} in the sandbox: {}",
-            crate::error::io_message(&e)
+            io_message(&e)
         ))
     })?;
     let _ = tcp.set_nodelay(true);
@@ -95,20 +85,4 @@ pub async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, ApiErr
     resp.headers_mut()
         .insert(UPGRADE, HeaderValue::from_static(TUNNEL_UPGRADE));
     Ok(resp)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ports_are_strict() {
-        assert_eq!(parse_port("80"), Some(80));
-        assert_eq!(parse_port("65535"), Some(65535));
-        for bad in [
-            "", "0", "65536", "99999", "+80", "-1", "8 0", "123456", "0x50",
-        ] {
-            assert_eq!(parse_port(bad), None, "{bad}");
-        }
-    }
 }

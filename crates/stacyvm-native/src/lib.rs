@@ -20,6 +20,11 @@
 //! Mounts exist only inside each sandbox's own mount namespace, so they
 //! vanish with it; destroying a sandbox kills its cgroup, removes the cgroup
 //! directories and deletes its state directory.
+//!
+//! The per-sandbox state directory ([`state`]), the provider plumbing around
+//! it ([`support`]: ids, the health cache, create cleanup, waiting for the
+//! agent) and the system call wrappers ([`sys`]) serve the `proot` provider
+//! too.
 
 mod caps;
 pub mod cgroup;
@@ -28,8 +33,9 @@ mod init;
 mod provider;
 mod rootfs;
 pub mod seccomp;
-mod state;
-mod sys;
+pub mod state;
+pub mod support;
+pub mod sys;
 
 pub use caps::KEEP as KEPT_CAPABILITIES;
 pub use init::sandbox_init_main;

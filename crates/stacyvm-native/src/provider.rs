@@ -13,24 +13,26 @@
 use crate::cgroup::{self, Layout, Limits, CPU_PERIOD_US};
 use crate::config::{CgroupView, InitConfig, InitMode, Prelude};
 use crate::rootfs::{ResolvedImage, RootfsSource};
-use crate::state::{SandboxDir, SandboxState, FORMAT};
+use crate::state::{self, Cgroups, SandboxDir, SandboxState};
+use crate::support::{
+    self, blocking, check_id, check_spec_paths, register, tail_file, token, AgentWait, CreateGuard,
+    DirWatch, HealthCache,
+};
 use crate::sys;
 use async_trait::async_trait;
-use stacyvm_providers::agent::AgentClient;
 use stacyvm_providers::{
     Isolation, NetworkMode, Provider, ProviderError, RuntimeInfo, SandboxSpec,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -40,12 +42,6 @@ pub const EGRESS_UNSUPPORTED: &str = "network egress is not supported by the nat
 
 /// How long `destroy` waits for a sandbox's processes to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lines of the agent log attached to start failures.
-const FAILURE_LOG_LINES: usize = 20;
-/// How long a successful health check is reused.
-const HEALTH_OK_TTL: Duration = Duration::from_secs(300);
-/// How long a failed health check is reused.
-const HEALTH_ERR_TTL: Duration = Duration::from_secs(5);
 /// How long the health probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long starting a pre-started sandbox may take.
@@ -60,8 +56,6 @@ const PARKED_LIMITS: Limits = Limits {
 };
 /// Default `PATH` when the image sets none (Docker's).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Longest sandbox or instance id accepted (it becomes a directory name).
-const MAX_ID_LEN: usize = 128;
 
 /// Settings of a [`NativeProvider`].
 #[derive(Clone)]
@@ -108,7 +102,7 @@ struct Inner {
     /// Map root inside a user namespace (the provider is not root).
     rootless: Option<(u32, u32)>,
     /// Last health result and when it was taken.
-    health: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    health: HealthCache<()>,
     /// Pre-started sandboxes waiting for their configuration.
     pool: Mutex<VecDeque<Warm>>,
     /// How many pre-started sandboxes to keep.
@@ -127,38 +121,10 @@ impl std::fmt::Debug for NativeProvider {
     }
 }
 
-/// A unique-enough token for slot and directory names.
-fn token() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{nanos:08x}{n:x}", std::process::id())
-}
-
 fn unavailable(message: impl Into<String>) -> ProviderError {
     ProviderError::Unavailable {
         provider: "native".into(),
         message: message.into(),
-    }
-}
-
-/// A sandbox or instance id usable as one path component and cgroup name.
-fn check_id(what: &str, id: &str) -> Result<(), ProviderError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ProviderError::Invalid(format!(
-            "{what} {id:?} must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.-] and not start with '.'"
-        )))
     }
 }
 
@@ -201,120 +167,13 @@ pub fn agent_env(
     vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-/// The last `lines` lines of a log file (reads at most its last 64 KiB).
-pub(crate) fn tail_file(path: &Path, lines: usize) -> Vec<String> {
-    if lines == 0 {
-        return Vec::new();
-    }
-    let Ok(mut f) = fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(64 * 1024);
-    if f.seek(SeekFrom::Start(start)).is_err() {
-        return Vec::new();
-    }
-    let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_err() {
-        return Vec::new();
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let mut out: Vec<String> = text
-        .lines()
-        .skip(usize::from(start > 0))
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    let skip = out.len().saturating_sub(lines);
-    out.drain(..skip);
-    out
-}
-
 fn with_log(message: String, log: &Path) -> String {
-    let lines = tail_file(log, FAILURE_LOG_LINES);
-    if lines.is_empty() {
-        message
-    } else {
-        format!("{message}; agent log:\n{}", lines.join("\n"))
-    }
-}
-
-/// Register an owned descriptor with the reactor (readable interest).
-fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the `OwnedFd` moves into the `AsyncFd` and stays open, always
-    // as the same descriptor, until the `AsyncFd` is dropped.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)
-}
-
-/// Watches a directory for new entries (the agent's socket) with inotify.
-struct DirWatch {
-    fd: AsyncFd<OwnedFd>,
-}
-
-impl DirWatch {
-    fn new(dir: &Path) -> io::Result<DirWatch> {
-        // SAFETY: no pointers involved.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh descriptor owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let path = sys::cstr(dir)?;
-        // SAFETY: valid descriptor and C string.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                fd.as_raw_fd(),
-                path.as_ptr(),
-                libc::IN_CREATE | libc::IN_ATTRIB | libc::IN_MOVED_TO,
-            )
-        };
-        if wd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(DirWatch { fd: register(fd)? })
-    }
-
-    /// Resolves after the next batch of events.
-    async fn changed(&self) {
-        let mut buf = [0u8; 1024];
-        loop {
-            let Ok(mut guard) = self.fd.readable().await else {
-                // Cannot wait on it: behave like a timer-less poll.
-                return std::future::pending().await;
-            };
-            // SAFETY: reading into a local buffer of the given size.
-            let n = unsafe {
-                libc::read(
-                    self.fd.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            if n > 0 {
-                return;
-            }
-            guard.clear_ready();
-        }
-    }
+    support::with_log(message, log, "agent log")
 }
 
 /// Resolves when the process behind a pidfd exits.
-async fn exited(pidfd: Option<&AsyncFd<OwnedFd>>) {
-    match pidfd {
-        Some(fd) => {
-            let _ = fd.readable().await;
-        }
-        None => std::future::pending().await,
-    }
+async fn exited(pidfd: &AsyncFd<OwnedFd>) {
+    let _ = pidfd.readable().await;
 }
 
 /// The sandbox init process as seen from the provider: its stdin (for the
@@ -427,39 +286,6 @@ struct Warm {
     pidfd: OwnedFd,
 }
 
-/// Tears a sandbox down if `create` is abandoned half-way (its future
-/// dropped).
-struct CreateGuard {
-    inner: Option<Arc<Inner>>,
-    id: String,
-}
-
-impl CreateGuard {
-    fn disarm(&mut self) {
-        self.inner = None;
-    }
-}
-
-impl Drop for CreateGuard {
-    fn drop(&mut self) {
-        let Some(inner) = self.inner.take() else {
-            return;
-        };
-        let id = std::mem::take(&mut self.id);
-        let cleanup = move || {
-            if let Err(e) = inner.teardown(&id) {
-                tracing::warn!(sandbox = %id, error = %e, "cleanup after an abandoned create failed");
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(cleanup);
-            }
-            Err(_) => cleanup(),
-        }
-    }
-}
-
 impl NativeProvider {
     /// Build the provider: create the state directory, read the host's
     /// cgroup layout and remove leftovers of this instance (parked sandboxes
@@ -474,20 +300,7 @@ impl NativeProvider {
                 "native provider needs the path of the sandbox init executable".into(),
             ));
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&opts.state_dir)
-            .map_err(|e| {
-                ProviderError::Invalid(format!(
-                    "cannot create the state directory {}: {e}",
-                    opts.state_dir.display()
-                ))
-            })?;
-        let state_dir = opts
-            .state_dir
-            .canonicalize()
-            .map_err(|e| ProviderError::Invalid(format!("{}: {e}", opts.state_dir.display())))?;
+        let state_dir = support::make_state_dir(&opts.state_dir)?;
         let layout = Layout::detect();
         match &layout {
             Ok(l) => tracing::debug!(layout = %l.describe(), "native provider cgroups"),
@@ -502,7 +315,7 @@ impl NativeProvider {
             rootfs: opts.rootfs,
             layout,
             rootless,
-            health: tokio::sync::Mutex::new(None),
+            health: HealthCache::default(),
             pool: Mutex::new(VecDeque::new()),
             pool_size: AtomicUsize::new(DEFAULT_WARM_POOL),
             filling: AtomicUsize::new(0),
@@ -530,12 +343,7 @@ impl NativeProvider {
 
     /// The recorded state of a sandbox of this instance, if any.
     pub fn sandbox_state(&self, sandbox_id: &str) -> Option<SandboxState> {
-        check_id("sandbox id", sandbox_id).ok()?;
-        SandboxDir::new(&self.inner.state_dir, sandbox_id)
-            .read()
-            .ok()
-            .flatten()
-            .filter(|s| s.instance_id == self.inner.instance_id)
+        state::own_state(&self.inner.state_dir, &self.inner.instance_id, sandbox_id)
     }
 
     /// How many sandboxes to keep pre-started (default
@@ -692,70 +500,27 @@ impl Inner {
         Ok((fd, start))
     }
 
-    /// Wait until the agent answers, the sandbox's PID 1 exits, or the
-    /// deadline passes.
-    async fn wait_agent(
-        &self,
-        spec: &SandboxSpec,
-        watch: Option<&DirWatch>,
-        pidfd: &AsyncFd<OwnedFd>,
-        deadline: tokio::time::Instant,
-        log: &Path,
-    ) -> Result<(), ProviderError> {
-        let agent = AgentClient::new(spec.socket_path());
-        let mut delay = Duration::from_millis(1);
-        let mut last_err = String::from("no answer yet");
-        loop {
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if remaining.is_zero() {
-                return Err(ProviderError::AgentStart(with_log(
-                    format!(
-                        "no answer on {} within {} ms: {last_err}",
-                        spec.socket_path().display(),
-                        spec.start_timeout.as_millis()
-                    ),
-                    log,
-                )));
-            }
-            match tokio::time::timeout(remaining, agent.health()).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => last_err = e.to_string(),
-                Err(_) => last_err = "the agent accepted but never answered".into(),
-            }
-            let changed = async {
-                match watch {
-                    Some(w) => w.changed().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = changed => {}
-                _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_millis(20)),
-                _ = exited(Some(pidfd)) => {
-                    return Err(ProviderError::AgentStart(with_log(
-                        "the agent exited before it answered".into(),
-                        log,
-                    )));
-                }
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-        }
-    }
-
-    /// Send the sandbox configuration to a started init, wait for it to
-    /// become the agent and for the agent to answer.
+    /// Send the sandbox configuration to a started init whose PID 1 is
+    /// `pid`, wait for it to become the agent and for the agent to answer.
+    /// Returns `pid`.
     #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
         spec: &SandboxSpec,
-        cfg: &InitConfig,
+        layout: &Layout,
+        image: &ResolvedImage,
+        sd: &SandboxDir,
         init: &mut InitProc,
-        pidfd: &AsyncFd<OwnedFd>,
+        pid: i32,
+        pidfd: OwnedFd,
         watch: Option<&DirWatch>,
         deadline: tokio::time::Instant,
-        log: &Path,
-    ) -> Result<(), ProviderError> {
-        init.send(cfg).await?;
+    ) -> Result<i32, ProviderError> {
+        let pidfd = register(pidfd)
+            .map_err(|e| ProviderError::Runtime(format!("cannot watch pid {pid}: {e}")))?;
+        let log = &sd.log();
+        init.send(&self.sandbox_config(layout, spec, image, sd))
+            .await?;
         init.close_stdin();
         if tokio::time::timeout_at(deadline, init.read_to_end())
             .await
@@ -777,7 +542,16 @@ impl Inner {
                 ProviderError::Runtime(msg)
             });
         }
-        self.wait_agent(spec, watch, pidfd, deadline, log).await
+        let wait = AgentWait {
+            spec,
+            deadline,
+            log,
+            log_name: "agent log",
+            first_delay: Duration::from_millis(1),
+            exited_message: "the agent exited before it answered",
+        };
+        support::wait_for_agent(&wait, watch, exited(&pidfd)).await?;
+        Ok(pid)
     }
 
     /// Kill everything of a sandbox and remove its cgroups and state
@@ -785,56 +559,24 @@ impl Inner {
     fn teardown(&self, id: &str) -> Result<(), ProviderError> {
         let t0 = Instant::now();
         let sd = SandboxDir::new(&self.state_dir, id);
-        let state = match sd.read() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(sandbox = id, error = %e, "unreadable state file; cleaning up anyway");
-                None
-            }
+        let Some(state) = sd.teardown_state::<Cgroups>(id, &self.instance_id) else {
+            return Ok(());
         };
-        if let Some(s) = &state {
-            if s.instance_id != self.instance_id {
-                tracing::warn!(
-                    sandbox = id,
-                    owner = %s.instance_id,
-                    "state directory belongs to another instance; leaving it alone"
-                );
-                return Ok(());
-            }
-        }
         let leaf = state
             .as_ref()
-            .map(|s| s.cgroup_leaf.clone())
+            .map(|s| s.extra.cgroup_leaf.clone())
             .filter(|l| check_id("cgroup", l).is_ok())
             .unwrap_or_else(|| id.to_string());
-        let pid1 = state.as_ref().and_then(|s| {
-            let pid = s.pid?;
-            let fd = sys::pidfd_open(pid).ok()?;
-            (s.start_time.is_some() && sys::process_start_time(pid) == s.start_time).then_some(fd)
-        });
+        let pid1 = state
+            .as_ref()
+            .and_then(|s| s.pidfd(SandboxState::same_pid))
+            .map(|(_, fd)| fd);
         self.kill_and_remove(&leaf, pid1.as_ref())
             .map_err(|e| ProviderError::Runtime(format!("sandbox {id}: {e}")))?;
         // The overlay's upper layer can only be deleted quickly once the
         // sandbox's mount namespace is fully gone, which the kernel finishes
-        // asynchronously: move the directory aside and delete it in the
-        // background.
-        let trash = self.state_dir.join(format!(".trash-{id}-{}", token()));
-        match fs::rename(&sd.dir, &trash) {
-            Ok(()) => {
-                std::thread::spawn(move || {
-                    if let Err(e) = fs::remove_dir_all(&trash) {
-                        tracing::warn!(path = %trash.display(), error = %e, "cannot delete a sandbox's files");
-                    }
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(ProviderError::Runtime(format!(
-                    "cannot remove {}: {e}",
-                    sd.dir.display()
-                )))
-            }
-        }
+        // asynchronously: delete it in the background.
+        sd.remove_in_background(&self.state_dir, id)?;
         tracing::debug!(
             sandbox = id,
             elapsed_us = t0.elapsed().as_micros() as u64,
@@ -1196,18 +938,7 @@ impl Inner {
             cpu_quota_us: u64::from(spec.vcpus) * CPU_PERIOD_US,
             pids_max: spec.pids_limit,
         };
-        if !spec.agent_binary.is_absolute() || !spec.agent_binary.is_file() {
-            return Err(ProviderError::Invalid(format!(
-                "agent binary {} must be an existing absolute path",
-                spec.agent_binary.display()
-            )));
-        }
-        if !spec.run_dir.is_absolute() || !spec.run_dir.is_dir() {
-            return Err(ProviderError::Invalid(format!(
-                "run directory {} must be an existing absolute directory",
-                spec.run_dir.display()
-            )));
-        }
+        check_spec_paths(spec)?;
         let layout = self.layout()?;
         let image = self.rootfs.resolve(&spec.image).await?;
         for l in &image.layers {
@@ -1247,10 +978,8 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + spec.start_timeout;
         let warm = self.take_warm();
         let was_warm = warm.is_some();
-        let mut guard = CreateGuard {
-            inner: Some(Arc::clone(self)),
-            id: spec.id.clone(),
-        };
+        let inner = Arc::clone(self);
+        let mut guard = CreateGuard::new(&spec.id, move |id| inner.teardown(id));
         let started = match warm {
             Some(w) => {
                 self.start_warm(
@@ -1270,8 +999,7 @@ impl Inner {
                     .await
             }
         };
-        // Failed (not abandoned): clean up before answering, so nothing of
-        // the sandbox is left when the error is seen.
+        // Not abandoned: a failure is cleaned up below, before answering.
         guard.disarm();
         self.refill();
         // Closing an inotify instance waits for an SRCU grace period (≈10 ms
@@ -1279,36 +1007,17 @@ impl Inner {
         if let Some(w) = watch {
             tokio::task::spawn_blocking(move || drop(w));
         }
-        match started {
-            Ok(pid) => {
-                tracing::debug!(
-                    sandbox = %spec.id,
-                    pid,
-                    warm = was_warm,
-                    ready_us = t0.elapsed().as_micros() as u64,
-                    "native sandbox ready"
-                );
-                Ok(RuntimeInfo {
-                    sandbox_id: spec.id.clone(),
-                    runtime_id: pid.to_string(),
-                    running: true,
-                })
-            }
-            Err(e) => {
-                let inner = Arc::clone(self);
-                let id = spec.id.clone();
-                match tokio::task::spawn_blocking(move || inner.teardown(&id)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(te)) => {
-                        tracing::warn!(sandbox = %spec.id, error = %te, "cleanup after a failed create failed")
-                    }
-                    Err(je) => {
-                        tracing::warn!(sandbox = %spec.id, error = %je, "cleanup task after a failed create failed")
-                    }
-                }
-                Err(e)
-            }
+        if let Ok(pid) = started {
+            tracing::debug!(
+                sandbox = %spec.id,
+                pid,
+                warm = was_warm,
+                ready_us = t0.elapsed().as_micros() as u64,
+                "native sandbox ready"
+            );
         }
+        let inner = Arc::clone(self);
+        support::created(&spec.id, started, move |id| inner.teardown(id)).await
     }
 
     /// Hand a pre-started sandbox its configuration.
@@ -1324,16 +1033,14 @@ impl Inner {
         watch: Option<&DirWatch>,
         deadline: tokio::time::Instant,
     ) -> Result<i32, ProviderError> {
-        let state = SandboxState {
-            format: FORMAT,
-            sandbox_id: spec.id.clone(),
-            instance_id: self.instance_id.clone(),
-            image: spec.image.clone(),
-            pid: Some(w.pid),
-            start_time: Some(w.start_time),
+        let cgroups = Cgroups {
             cgroup_leaf: w.slot.clone(),
             cgroups: layout.sandbox_dirs(&self.instance_id, &w.slot),
-            created_unix_ms: now_unix_ms(),
+        };
+        let state = SandboxState {
+            pid: Some(w.pid),
+            start_time: Some(w.start_time),
+            ..SandboxState::new(spec, &self.instance_id, cgroups)
         };
         // From here on the sandbox is known by its id (teardown finds it).
         let claimed = w
@@ -1355,12 +1062,10 @@ impl Inner {
         layout
             .set_limits(&self.instance_id, &slot, limits)
             .map_err(|e| ProviderError::Runtime(format!("cannot set limits: {e}")))?;
-        let pidfd = register(pidfd)
-            .map_err(|e| ProviderError::Runtime(format!("cannot watch pid {pid}: {e}")))?;
-        let cfg = self.sandbox_config(layout, spec, image, sd);
-        self.finish(spec, &cfg, &mut init, &pidfd, watch, deadline, &sd.log())
-            .await?;
-        Ok(pid)
+        self.finish(
+            spec, layout, image, sd, &mut init, pid, pidfd, watch, deadline,
+        )
+        .await
     }
 
     /// Start a sandbox from scratch.
@@ -1375,17 +1080,11 @@ impl Inner {
         watch: Option<&DirWatch>,
         deadline: tokio::time::Instant,
     ) -> Result<i32, ProviderError> {
-        let mut state = SandboxState {
-            format: FORMAT,
-            sandbox_id: spec.id.clone(),
-            instance_id: self.instance_id.clone(),
-            image: spec.image.clone(),
-            pid: None,
-            start_time: None,
+        let cgroups = Cgroups {
             cgroup_leaf: spec.id.clone(),
             cgroups: layout.sandbox_dirs(&self.instance_id, &spec.id),
-            created_unix_ms: now_unix_ms(),
         };
+        let mut state = SandboxState::new(spec, &self.instance_id, cgroups);
         // The state directory appears with its state file already inside, so
         // every directory `list` sees belongs to someone.
         let tmp = SandboxDir {
@@ -1448,45 +1147,16 @@ impl Inner {
         state.start_time = Some(start);
         sd.write(&state)
             .map_err(|e| ProviderError::Runtime(format!("cannot record the sandbox state: {e}")))?;
-        let pidfd = register(fd)
-            .map_err(|e| ProviderError::Runtime(format!("cannot watch pid {pid}: {e}")))?;
-        let cfg = self.sandbox_config(layout, spec, image, sd);
-        self.finish(spec, &cfg, &mut init, &pidfd, watch, deadline, &sd.log())
-            .await?;
-        Ok(pid)
+        self.finish(spec, layout, image, sd, &mut init, pid, fd, watch, deadline)
+            .await
     }
 
     fn info(&self, id: &str) -> Option<RuntimeInfo> {
-        let state = SandboxDir::new(&self.state_dir, id).read().ok().flatten()?;
-        if state.instance_id != self.instance_id || state.sandbox_id != id {
-            return None;
-        }
-        Some(RuntimeInfo {
-            sandbox_id: state.sandbox_id.clone(),
-            runtime_id: state.pid.map(|p| p.to_string()).unwrap_or_default(),
-            running: state.is_running(),
-        })
+        state::runtime_info::<Cgroups>(&self.state_dir, &self.instance_id, id)
     }
 
     fn list(&self) -> Result<Vec<RuntimeInfo>, ProviderError> {
-        let entries = fs::read_dir(&self.state_dir).map_err(|e| {
-            ProviderError::Runtime(format!("cannot list {}: {e}", self.state_dir.display()))
-        })?;
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Ok(name) = std::str::from_utf8(name.as_bytes()) else {
-                continue;
-            };
-            if check_id("sandbox id", name).is_err() {
-                continue;
-            }
-            if let Some(info) = self.info(name) {
-                out.push(info);
-            }
-        }
-        out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
-        Ok(out)
+        state::list_runtimes::<Cgroups>(&self.state_dir, &self.instance_id)
     }
 }
 
@@ -1513,18 +1183,11 @@ impl Provider for NativeProvider {
     }
 
     async fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError> {
-        check_id("sandbox id", sandbox_id)?;
         let inner = Arc::clone(&self.inner);
-        let id = sandbox_id.to_string();
-        tokio::task::spawn_blocking(move || inner.teardown(&id))
-            .await
-            .map_err(|e| ProviderError::Runtime(format!("destroy task failed: {e}")))?
+        support::destroy(sandbox_id, move |id| inner.teardown(id)).await
     }
 
     async fn inspect(&self, sandbox_id: &str) -> Result<Option<RuntimeInfo>, ProviderError> {
-        if check_id("sandbox id", sandbox_id).is_err() {
-            return Ok(None);
-        }
         Ok(self.inner.info(sandbox_id))
     }
 
@@ -1539,70 +1202,36 @@ impl Provider for NativeProvider {
 
     async fn list(&self) -> Result<Vec<RuntimeInfo>, ProviderError> {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.list())
-            .await
-            .map_err(|e| ProviderError::Runtime(format!("list task failed: {e}")))?
+        blocking("list", move || inner.list()).await?
     }
 
     async fn health(&self) -> Result<(), ProviderError> {
-        let mut cached = self.inner.health.lock().await;
-        if let Some((at, result)) = cached.as_ref() {
-            let ttl = if result.is_ok() {
-                HEALTH_OK_TTL
-            } else {
-                HEALTH_ERR_TTL
-            };
-            if at.elapsed() < ttl {
-                return result.clone().map_err(unavailable);
+        let probe = async {
+            let t0 = Instant::now();
+            let result = self.inner.probe().await;
+            match &result {
+                Ok(()) => {
+                    tracing::debug!(
+                        elapsed_us = t0.elapsed().as_micros() as u64,
+                        "native provider probe passed"
+                    );
+                    self.inner.refill();
+                }
+                Err(e) => tracing::warn!(error = %e, "native provider probe failed"),
             }
-        }
-        let t0 = Instant::now();
-        let result = self.inner.probe().await;
-        match &result {
-            Ok(()) => {
-                tracing::debug!(
-                    elapsed_us = t0.elapsed().as_micros() as u64,
-                    "native provider probe passed"
-                );
-                self.inner.refill();
-            }
-            Err(e) => tracing::warn!(error = %e, "native provider probe failed"),
-        }
-        *cached = Some((Instant::now(), result.clone()));
-        result.map_err(unavailable)
+            result
+        };
+        self.inner.health.get(probe).await.map_err(unavailable)
     }
 
     async fn logs(&self, sandbox_id: &str, lines: usize) -> Vec<String> {
-        if check_id("sandbox id", sandbox_id).is_err() {
-            return Vec::new();
-        }
-        tail_file(
-            &SandboxDir::new(&self.inner.state_dir, sandbox_id).log(),
-            lines,
-        )
+        state::log_tail(&self.inner.state_dir, sandbox_id, lines)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_must_be_single_safe_path_components() {
-        assert!(check_id("id", "sb_abc-1.2").is_ok());
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            "a/b",
-            "a b",
-            "x\0",
-            &"x".repeat(200),
-        ] {
-            assert!(check_id("id", bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn env_layers_image_defaults_and_spec() {
@@ -1635,16 +1264,5 @@ mod tests {
         assert_eq!(hostname_for("sb_AbC123"), "sb-abc123");
         assert_eq!(hostname_for("__"), "sandbox");
         assert_eq!(hostname_for(&"x".repeat(100)).len(), 63);
-    }
-
-    #[test]
-    fn log_tails() {
-        let p = std::env::temp_dir().join(format!("stacyvm-native-tail-{}", std::process::id()));
-        fs::write(&p, "a\nb\n\nc\n").unwrap();
-        assert_eq!(tail_file(&p, 2), ["b", "c"]);
-        assert_eq!(tail_file(&p, 10), ["a", "b", "c"]);
-        assert!(tail_file(&p, 0).is_empty());
-        fs::remove_file(&p).unwrap();
-        assert!(tail_file(&p, 3).is_empty());
     }
 }

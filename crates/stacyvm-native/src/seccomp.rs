@@ -262,8 +262,9 @@ fn flags_block(flags: u32) -> [Insn; 4] {
     ]
 }
 
-/// The whole filter program.
-pub fn program() -> Vec<Insn> {
+/// The start of every filter: a foreign architecture kills the process, x32
+/// syscalls get `EPERM`, and the syscall number is loaded.
+fn arch_checks() -> Vec<Insn> {
     let mut p = vec![
         stmt(BPF_LD_W_ABS, OFF_ARCH),
         jump(BPF_JEQ, arch::AUDIT_ARCH, 1, 0),
@@ -275,6 +276,12 @@ pub fn program() -> Vec<Insn> {
         p.push(jump(BPF_JGT, bit - 1, 0, 1));
         p.push(ret(errno(EPERM)));
     }
+    p
+}
+
+/// The whole filter program.
+pub fn program() -> Vec<Insn> {
+    let mut p = arch_checks();
     p.push(jump(BPF_JGT, LAST_KNOWN, 0, 1));
     p.push(ret(errno(ENOSYS)));
     when_nr(&mut p, arch::NR_CLONE3, &[ret(errno(ENOSYS))]);
@@ -307,51 +314,14 @@ pub fn program() -> Vec<Insn> {
 /// Install the filter on the calling thread. `no_new_privs` must be set
 /// first (or the caller must hold `CAP_SYS_ADMIN`).
 pub fn install() -> io::Result<()> {
-    let prog = program();
-    let filters: Vec<libc::sock_filter> = prog
-        .iter()
-        .map(|i| libc::sock_filter {
-            code: i.code,
-            jt: i.jt,
-            jf: i.jf,
-            k: i.k,
-        })
-        .collect();
-    let len = u16::try_from(filters.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seccomp filter too long"))?;
-    let fprog = libc::sock_fprog {
-        len,
-        filter: filters.as_ptr().cast_mut(),
-    };
-    // SAFETY: `fprog` points to `len` valid instructions that outlive the
-    // call; the kernel copies the program.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            &fprog as *const libc::sock_fprog,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    install_prepared(&prepare(&program()))
 }
 
 /// A filter with the same architecture checks as [`program`] (a foreign
 /// architecture kills the process, x32 gets `EPERM`) that answers each
 /// syscall in `syscalls` with `errno` and allows everything else.
 pub fn errno_program(syscalls: &[u32], errno_value: u32) -> Vec<Insn> {
-    let mut p = vec![
-        stmt(BPF_LD_W_ABS, OFF_ARCH),
-        jump(BPF_JEQ, arch::AUDIT_ARCH, 1, 0),
-        ret(SECCOMP_RET_KILL_PROCESS),
-        stmt(BPF_LD_W_ABS, OFF_NR),
-    ];
-    if let Some(bit) = arch::X32_BIT {
-        p.push(jump(BPF_JGT, bit - 1, 0, 1));
-        p.push(ret(errno(EPERM)));
-    }
+    let mut p = arch_checks();
     for nr in syscalls {
         when_nr(&mut p, *nr, &[ret(errno(errno_value))]);
     }

@@ -1,7 +1,9 @@
-//! Thin, checked wrappers around the system calls this crate needs.
+//! Thin, checked wrappers around the system calls and `/proc` files the
+//! providers that run sandboxes as host processes need (this one and the
+//! `proot` provider).
 //!
-//! Every wrapper returns `io::Result` so callers can add context; none of them
-//! allocates except for turning paths into C strings.
+//! Every system call wrapper returns `io::Result` so callers can add context;
+//! none of them allocates except for turning paths into C strings.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -135,14 +137,7 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
 
 /// Whether the process behind `pidfd` has exited (without blocking).
 pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0
+    pidfd_wait(pidfd, 0)
 }
 
 /// Wait up to `timeout_ms` for the process behind `pidfd` to exit.
@@ -226,26 +221,47 @@ pub fn getegid() -> u32 {
     unsafe { libc::getegid() }
 }
 
+/// The fields of `/proc/<pid>/stat` the providers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// `R`, `S`, `Z`, …
+    pub state: char,
+    pub ppid: i32,
+    pub session: i32,
+    /// Clock ticks since boot.
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    /// Not a zombie (or dead): the process still runs.
+    pub fn is_live(&self) -> bool {
+        self.state != 'Z' && self.state != 'X'
+    }
+}
+
+/// Parse a `/proc/<pid>/stat` line. The command name (field 2) may contain
+/// spaces and parentheses, so fields are counted after the last `)`.
+pub fn parse_stat(stat: &str) -> Option<ProcStat> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, ppid 4, session 6, start time 22.
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        session: fields.get(3)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// `/proc/<pid>/stat`, or `None` when there is no such process.
+pub fn proc_stat(pid: i32) -> Option<ProcStat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 /// Start time of a process in clock ticks since boot (field 22 of
 /// `/proc/<pid>/stat`), or `None` when there is no such process.
 pub fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&stat)
-}
-
-/// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) may
-/// contain spaces and parentheses, so fields are counted after the last `)`.
-pub fn parse_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After the name: state is field 3, so start time (22) is the 20th here.
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// State letter of a process (`R`, `S`, `Z`, …), from `/proc/<pid>/stat`.
-pub fn process_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().next()?.chars().next()
+    proc_stat(pid).map(|s| s.start_time)
 }
 
 #[cfg(test)]
@@ -253,17 +269,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn start_time_is_field_22_even_with_odd_names() {
+    fn stat_fields_even_with_odd_names() {
         let stat =
-            "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 200";
-        assert_eq!(parse_start_time(stat), Some(98765));
-        assert_eq!(parse_start_time("garbage"), None);
+            "1234 (a) b (c)) S 1 1234 777 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 200";
+        assert_eq!(
+            parse_stat(stat),
+            Some(ProcStat {
+                state: 'S',
+                ppid: 1,
+                session: 777,
+                start_time: 98765
+            })
+        );
+        assert_eq!(parse_stat("garbage"), None);
     }
 
     #[test]
-    fn own_start_time_is_readable() {
+    fn own_stat_is_readable() {
         let pid = std::process::id() as i32;
-        assert!(process_start_time(pid).is_some());
-        assert!(matches!(process_state(pid), Some('R' | 'S')));
+        let st = proc_stat(pid).expect("own stat");
+        assert!(st.start_time > 0 && st.is_live());
+        assert_eq!(process_start_time(pid), Some(st.start_time));
+        assert!(matches!(st.state, 'R' | 'S'));
     }
 }

@@ -241,6 +241,7 @@ async fn memory_hog_is_oom_killed_inside_the_sandbox() {
     // The kill was the sandbox cgroup's own OOM kill.
     let state = fx.provider.sandbox_state(&spec.id).expect("state");
     let mem = state
+        .extra
         .cgroups
         .iter()
         .find(|d| d.join("memory.oom_control").exists() || d.join("memory.events").exists())
@@ -268,6 +269,7 @@ async fn fork_bomb_is_held_by_the_pids_limit() {
         .provider
         .sandbox_state(&bombed.id)
         .expect("state")
+        .extra
         .cgroups
         .into_iter()
         .find(|d| d.join("pids.max").exists())
@@ -338,7 +340,7 @@ async fn sees_its_limits_and_a_private_dev() {
     let stats = agent.stats().await.expect("stats");
     assert_eq!(stats.mem_limit_bytes, 128 << 20, "{stats:?}");
     let state = fx.provider.sandbox_state(&spec.id).expect("state");
-    let quota = state.cgroups.iter().find_map(|d| {
+    let quota = state.extra.cgroups.iter().find_map(|d| {
         std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
             .or_else(|_| std::fs::read_to_string(d.join("cpu.max")))
             .ok()

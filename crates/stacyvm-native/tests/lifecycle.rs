@@ -31,31 +31,15 @@ fn leaves(provider: &NativeProvider) -> Vec<PathBuf> {
 
 /// Host processes whose cgroup path contains `needle`.
 fn processes_in(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        // Exited processes not yet reaped by the host's init keep their
-        // last cgroup path; they hold no resources of the sandbox.
-        let zombie = std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        });
-        if zombie {
-            continue;
-        }
-        if std::fs::read_to_string(e.path().join("cgroup")).is_ok_and(|c| c.contains(needle)) {
-            out.push(format!(
-                "{name}: {}",
-                std::fs::read_to_string(e.path().join("cmdline"))
-                    .unwrap_or_default()
-                    .replace('\0', " ")
-            ));
-        }
-    }
-    out
+    // Exited processes not yet reaped by the host's init keep their last
+    // cgroup path; they hold no resources of the sandbox (and are left out).
+    live_processes()
+        .into_iter()
+        .filter(|(_, dir)| {
+            std::fs::read_to_string(dir.join("cgroup")).is_ok_and(|c| c.contains(needle))
+        })
+        .map(|(pid, dir)| format!("{pid}: {}", cmdline(&dir)))
+        .collect()
 }
 
 /// Assert that nothing of a destroyed sandbox is left on the host.
@@ -118,8 +102,8 @@ async fn create_exec_destroy_leaves_nothing_behind() {
         let state = fx.provider.sandbox_state(&spec.id).expect("state");
         let pid = state.pid.expect("pid");
         assert_eq!(info.runtime_id, pid.to_string());
-        assert!(state.cgroups.iter().all(|d| d.is_dir()));
-        assert_eq!(state.cgroup_leaf == spec.id, !warm, "{state:?}");
+        assert!(state.extra.cgroups.iter().all(|d| d.is_dir()));
+        assert_eq!(state.extra.cgroup_leaf == spec.id, !warm, "{state:?}");
         // PID 1 is not the provider's child: it survives the server.
         let ppid = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
@@ -142,7 +126,7 @@ async fn create_exec_destroy_leaves_nothing_behind() {
         assert!(logs.iter().any(|l| l.contains("listening")), "{logs:?}");
 
         fx.provider.destroy(&spec.id).await.expect("destroy");
-        assert_gone(&fx, &spec.id, pid, &state.cgroups);
+        assert_gone(&fx, &spec.id, pid, &state.extra.cgroups);
         assert_eq!(fx.provider.inspect(&spec.id).await.expect("inspect"), None);
         fx.provider
             .destroy(&spec.id)
@@ -279,7 +263,7 @@ async fn instances_only_see_and_remove_their_own_sandboxes() {
         .expect("known");
     assert!(!info.running);
     fx.provider.destroy(&spec.id).await.expect("destroy");
-    assert_gone(&fx, &spec.id, pid, &state.cgroups);
+    assert_gone(&fx, &spec.id, pid, &state.extra.cgroups);
 }
 
 /// Environment variable that turns [`creator_process`] into a short-lived
@@ -398,7 +382,7 @@ async fn sandboxes_survive_a_sigkilled_server() {
     // its leftovers are swept by the next provider. (The sandbox itself was
     // made from a pre-started one too: its cgroups carry that slot's name.)
     let state = restarted.sandbox_state(&spec.id).expect("state");
-    let own_leaf = state.cgroup_leaf.clone();
+    let own_leaf = state.extra.cgroup_leaf.clone();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let parked: Vec<PathBuf> = leaves(&restarted)
@@ -438,7 +422,7 @@ async fn sandboxes_survive_a_sigkilled_server() {
         .collect();
     assert!(dirs.is_empty(), "leftover parked state: {dirs:?}");
     restarted.destroy(&spec.id).await.expect("destroy");
-    assert_gone(&fx, &spec.id, state.pid.expect("pid"), &state.cgroups);
+    assert_gone(&fx, &spec.id, state.pid.expect("pid"), &state.extra.cgroups);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,6 +579,7 @@ async fn idle_footprint() {
         rss += field("Rss:");
         pss += field("Pss:");
         cg += state
+            .extra
             .cgroups
             .iter()
             .find_map(|d| {

@@ -36,9 +36,7 @@ struct Proc {
 impl Proc {
     /// Still running (a zombie has finished).
     fn alive(&self) -> bool {
-        sys::proc_stat(self.pid).is_some_and(|st| {
-            st.start_time == self.start_time && st.state != 'Z' && st.state != 'X'
-        })
+        sys::proc_stat(self.pid).is_some_and(|st| st.start_time == self.start_time && st.is_live())
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -65,7 +63,7 @@ fn table() -> Vec<Entry> {
         .into_iter()
         .filter_map(|pid| {
             let st = sys::proc_stat(pid)?;
-            (st.state != 'Z' && st.state != 'X').then_some(Entry {
+            st.is_live().then_some(Entry {
                 pid,
                 ppid: st.ppid,
                 session: st.session,

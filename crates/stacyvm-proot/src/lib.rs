@@ -45,4 +45,4 @@ mod state;
 mod sys;
 
 pub use provider::{ProotOptions, ProotProvider, DEFAULT_SPARE_ROOTS};
-pub use state::{SandboxState, LOG_FILE, STATE_FILE};
+pub use state::{Loader, SandboxState, LOG_FILE, STATE_FILE};

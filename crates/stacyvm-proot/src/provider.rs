@@ -7,40 +7,34 @@
 use crate::filter;
 use crate::kill;
 use crate::rootfs::{self, Base, BaseCache};
-use crate::state::{SandboxDir, SandboxState, FORMAT};
+use crate::state::{Loader, SandboxDir, SandboxState};
 use crate::sys;
 use async_trait::async_trait;
 use stacyvm_agent_proto::{AGENT_PATH_IN_SANDBOX, RUN_DIR_IN_SANDBOX};
+use stacyvm_native::state;
+use stacyvm_native::support::{
+    self, blocking, check_id, check_spec_paths, token, AgentWait, CreateGuard, HealthCache,
+};
 use stacyvm_native::{agent_env, hostname_for, ResolvedImage, RootfsSource};
-use stacyvm_providers::agent::AgentClient;
 use stacyvm_providers::{
     caps, Isolation, NetworkMode, Provider, ProviderError, RuntimeInfo, SandboxSpec,
 };
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Provider name in the API.
 const NAME: &str = "proot";
 /// How long `destroy` waits for a sandbox's processes to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lines of the log attached to start failures.
-const FAILURE_LOG_LINES: usize = 20;
-/// How long a successful health check is reused.
-const HEALTH_OK_TTL: Duration = Duration::from_secs(300);
-/// How long a failed health check is reused.
-const HEALTH_ERR_TTL: Duration = Duration::from_secs(5);
 /// How long the health probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest sandbox or instance id accepted (it becomes a directory name).
-const MAX_ID_LEN: usize = 128;
 /// Ready copies of each image's root kept by default.
 pub const DEFAULT_SPARE_ROOTS: usize = 1;
 
@@ -104,48 +98,13 @@ struct Inner {
     filter: Arc<Vec<libc::sock_filter>>,
     /// Last health result (the PRoot version, or why it failed) and when it
     /// was taken.
-    health: tokio::sync::Mutex<Option<(Instant, Result<String, String>)>>,
-}
-
-/// A unique-enough token for directory names.
-fn token() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{nanos:08x}{n:x}", std::process::id())
+    health: HealthCache<String>,
 }
 
 fn unavailable(message: impl Into<String>) -> ProviderError {
     ProviderError::Unavailable {
         provider: NAME.into(),
         message: message.into(),
-    }
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-/// A sandbox or instance id usable as one path component.
-fn check_id(what: &str, id: &str) -> Result<(), ProviderError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ProviderError::Invalid(format!(
-            "{what} {id:?} must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9_.-] and not start with '.'"
-        )))
     }
 }
 
@@ -183,42 +142,8 @@ fn resolve_binary(name: &Path) -> Result<PathBuf, ProviderError> {
         })
 }
 
-/// The last `lines` lines of a log file (reads at most its last 64 KiB).
-fn tail_file(path: &Path, lines: usize) -> Vec<String> {
-    if lines == 0 {
-        return Vec::new();
-    }
-    let Ok(mut f) = fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = len.saturating_sub(64 * 1024);
-    if f.seek(SeekFrom::Start(start)).is_err() {
-        return Vec::new();
-    }
-    let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_err() {
-        return Vec::new();
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let mut out: Vec<String> = text
-        .lines()
-        .skip(usize::from(start > 0))
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    let skip = out.len().saturating_sub(lines);
-    out.drain(..skip);
-    out
-}
-
 fn with_log(message: String, log: &Path) -> String {
-    let lines = tail_file(log, FAILURE_LOG_LINES);
-    if lines.is_empty() {
-        message
-    } else {
-        format!("{message}; proot log:\n{}", lines.join("\n"))
-    }
+    support::with_log(message, log, "proot log")
 }
 
 /// `host:guest` for `proot -b`.
@@ -261,39 +186,6 @@ fn parse_version(banner: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Tears a sandbox down if `create` is abandoned half-way (its future
-/// dropped).
-struct CreateGuard {
-    inner: Option<Arc<Inner>>,
-    id: String,
-}
-
-impl CreateGuard {
-    fn disarm(&mut self) {
-        self.inner = None;
-    }
-}
-
-impl Drop for CreateGuard {
-    fn drop(&mut self) {
-        let Some(inner) = self.inner.take() else {
-            return;
-        };
-        let id = std::mem::take(&mut self.id);
-        let cleanup = move || {
-            if let Err(e) = inner.teardown(&id) {
-                tracing::warn!(sandbox = %id, error = %e, "cleanup after an abandoned create failed");
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(cleanup);
-            }
-            Err(_) => cleanup(),
-        }
-    }
-}
-
 impl ProotProvider {
     /// Build the provider: find `proot`, create the state directory and
     /// remove leftovers of this instance (half-made or half-removed sandbox
@@ -302,20 +194,7 @@ impl ProotProvider {
     pub fn new(opts: ProotOptions) -> Result<ProotProvider, ProviderError> {
         check_id("instance id", &opts.instance_id)?;
         let proot = resolve_binary(&opts.proot_binary)?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&opts.state_dir)
-            .map_err(|e| {
-                ProviderError::Invalid(format!(
-                    "cannot create the state directory {}: {e}",
-                    opts.state_dir.display()
-                ))
-            })?;
-        let state_dir = opts
-            .state_dir
-            .canonicalize()
-            .map_err(|e| ProviderError::Invalid(format!("{}: {e}", opts.state_dir.display())))?;
+        let state_dir = support::make_state_dir(&opts.state_dir)?;
         if state_dir.as_os_str().as_bytes().contains(&b':') {
             return Err(ProviderError::Invalid(format!(
                 "the proot state directory {} must not contain ':'",
@@ -337,7 +216,7 @@ impl ProotProvider {
             rootfs: opts.rootfs,
             bases: Arc::new(bases),
             filter: Arc::new(filter::prepared()),
-            health: tokio::sync::Mutex::new(None),
+            health: HealthCache::default(),
         };
         inner.sweep();
         tracing::debug!(proot = %inner.proot.display(), state_dir = %inner.state_dir.display(), "proot provider ready");
@@ -396,12 +275,7 @@ impl ProotProvider {
 
     /// The recorded state of a sandbox of this instance, if any.
     pub fn sandbox_state(&self, sandbox_id: &str) -> Option<SandboxState> {
-        check_id("sandbox id", sandbox_id).ok()?;
-        SandboxDir::new(&self.inner.state_dir, sandbox_id)
-            .read()
-            .ok()
-            .flatten()
-            .filter(|s| s.instance_id == self.inner.instance_id)
+        state::own_state(&self.inner.state_dir, &self.inner.instance_id, sandbox_id)
     }
 }
 
@@ -434,7 +308,7 @@ impl Inner {
         unsafe {
             cmd.pre_exec(move || {
                 sys::setsid()?;
-                sys::set_no_new_privs()?;
+                sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)?;
                 stacyvm_native::seccomp::install_prepared(&filter)
             });
         }
@@ -485,53 +359,17 @@ impl Inner {
     }
 
     fn info(&self, id: &str) -> Option<RuntimeInfo> {
-        let state = SandboxDir::new(&self.state_dir, id).read().ok().flatten()?;
-        if state.instance_id != self.instance_id || state.sandbox_id != id {
-            return None;
-        }
-        Some(RuntimeInfo {
-            sandbox_id: state.sandbox_id.clone(),
-            runtime_id: state.pid.map(|p| p.to_string()).unwrap_or_default(),
-            running: state.is_running(),
-        })
+        state::runtime_info::<Loader>(&self.state_dir, &self.instance_id, id)
     }
 
     fn list(&self) -> Result<Vec<RuntimeInfo>, ProviderError> {
-        let entries = fs::read_dir(&self.state_dir).map_err(|e| {
-            ProviderError::Runtime(format!("cannot list {}: {e}", self.state_dir.display()))
-        })?;
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Ok(name) = std::str::from_utf8(name.as_bytes()) else {
-                continue;
-            };
-            if check_id("sandbox id", name).is_err() {
-                continue;
-            }
-            if let Some(info) = self.info(name) {
-                out.push(info);
-            }
-        }
-        out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
-        Ok(out)
+        state::list_runtimes::<Loader>(&self.state_dir, &self.instance_id)
     }
 
     async fn create(self: &Arc<Self>, spec: &SandboxSpec) -> Result<RuntimeInfo, ProviderError> {
         let t0 = Instant::now();
         check_id("sandbox id", &spec.id)?;
-        if !spec.agent_binary.is_absolute() || !spec.agent_binary.is_file() {
-            return Err(ProviderError::Invalid(format!(
-                "agent binary {} must be an existing absolute path",
-                spec.agent_binary.display()
-            )));
-        }
-        if !spec.run_dir.is_absolute() || !spec.run_dir.is_dir() {
-            return Err(ProviderError::Invalid(format!(
-                "run directory {} must be an existing absolute directory",
-                spec.run_dir.display()
-            )));
-        }
+        check_spec_paths(spec)?;
         for p in [&spec.agent_binary, &spec.run_dir] {
             if p.as_os_str().as_bytes().contains(&b':') {
                 return Err(ProviderError::Invalid(format!(
@@ -566,16 +404,7 @@ impl Inner {
                 message: e.to_string(),
             })?;
         let base_ms = t0.elapsed().as_millis() as u64;
-        let state = SandboxState {
-            format: FORMAT,
-            sandbox_id: spec.id.clone(),
-            instance_id: self.instance_id.clone(),
-            image: spec.image.clone(),
-            pid: None,
-            start_time: None,
-            created_unix_ms: now_unix_ms(),
-            loader: None,
-        };
+        let state = SandboxState::new(spec, &self.instance_id, Loader::default());
         // The sandbox directory appears (renamed into place) with its state
         // file and root already inside, so every directory `list` sees is
         // complete and belongs to someone.
@@ -607,44 +436,23 @@ impl Inner {
         let copy_ms = t0.elapsed().as_millis() as u64 - base_ms;
         // Make the next create of this image quick too.
         self.bases.refill(&base);
-        let mut guard = CreateGuard {
-            inner: Some(Arc::clone(self)),
-            id: spec.id.clone(),
-        };
+        let inner = Arc::clone(self);
+        let mut guard = CreateGuard::new(&spec.id, move |id| inner.teardown(id));
         let started = self.start(spec, &image, &sd, state).await;
         guard.disarm();
-        match started {
-            Ok(pid) => {
-                tracing::debug!(
-                    sandbox = %spec.id,
-                    pid,
-                    base_ms,
-                    copy_ms,
-                    spare,
-                    ready_ms = t0.elapsed().as_millis() as u64,
-                    "proot sandbox ready"
-                );
-                Ok(RuntimeInfo {
-                    sandbox_id: spec.id.clone(),
-                    runtime_id: pid.to_string(),
-                    running: true,
-                })
-            }
-            Err(e) => {
-                let inner = Arc::clone(self);
-                let id = spec.id.clone();
-                match tokio::task::spawn_blocking(move || inner.teardown(&id)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(te)) => {
-                        tracing::warn!(sandbox = %spec.id, error = %te, "cleanup after a failed create failed")
-                    }
-                    Err(je) => {
-                        tracing::warn!(sandbox = %spec.id, error = %je, "cleanup task after a failed create failed")
-                    }
-                }
-                Err(e)
-            }
+        if let Ok(pid) = started {
+            tracing::debug!(
+                sandbox = %spec.id,
+                pid,
+                base_ms,
+                copy_ms,
+                spare,
+                ready_ms = t0.elapsed().as_millis() as u64,
+                "proot sandbox ready"
+            );
         }
+        let inner = Arc::clone(self);
+        support::created(&spec.id, started, move |id| inner.teardown(id)).await
     }
 
     /// Start PRoot with the agent, record it, and wait for the agent.
@@ -723,41 +531,20 @@ impl Inner {
                 &sd.log(),
             )));
         }
-        let agent = AgentClient::new(spec.socket_path());
-        let mut delay = Duration::from_millis(2);
-        let mut last_err = String::from("no answer yet");
-        loop {
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if remaining.is_zero() {
-                return Err(ProviderError::AgentStart(with_log(
-                    format!(
-                        "no answer on {} within {} ms: {last_err}",
-                        spec.socket_path().display(),
-                        spec.start_timeout.as_millis()
-                    ),
-                    &sd.log(),
-                )));
-            }
-            match tokio::time::timeout(remaining, agent.health()).await {
-                Ok(Ok(_)) => {
-                    self.record_loader(sd, state, pid).await?;
-                    return Ok(pid);
-                }
-                Ok(Err(e)) => last_err = e.to_string(),
-                Err(_) => last_err = "the agent accepted but never answered".into(),
-            }
-            if *exited.borrow() {
-                return Err(ProviderError::AgentStart(with_log(
-                    "proot exited before the agent answered".into(),
-                    &sd.log(),
-                )));
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_millis(20)),
-                _ = exited.changed() => {}
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-        }
+        let wait = AgentWait {
+            spec,
+            deadline,
+            log: &sd.log(),
+            log_name: "proot log",
+            first_delay: Duration::from_millis(2),
+            exited_message: "proot exited before the agent answered",
+        };
+        let exited = async move {
+            let _ = exited.wait_for(|e| *e).await;
+        };
+        support::wait_for_agent(&wait, None, exited).await?;
+        self.record_loader(sd, state, pid).await?;
+        Ok(pid)
     }
 
     /// Find and record the loader PRoot runs the sandbox's programs with
@@ -775,7 +562,7 @@ impl Inner {
         let Some(exe) = found else {
             return Ok(());
         };
-        state.loader = Some(exe);
+        state.extra.loader = Some(exe);
         sd.write(&state)
             .map_err(|e| ProviderError::Runtime(format!("cannot record the sandbox state: {e}")))
     }
@@ -788,33 +575,13 @@ impl Inner {
         if fs::symlink_metadata(&sd.dir).is_err() {
             return Ok(());
         }
-        let state = match sd.read() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(sandbox = id, error = %e, "unreadable state file; cleaning up anyway");
-                None
-            }
+        let Some(state) = sd.teardown_state::<Loader>(id, &self.instance_id) else {
+            return Ok(());
         };
-        if let Some(s) = &state {
-            if s.instance_id != self.instance_id {
-                tracing::warn!(
-                    sandbox = id,
-                    owner = %s.instance_id,
-                    "state directory belongs to another instance; leaving it alone"
-                );
-                return Ok(());
-            }
-        }
-        // A pidfd first, then the start time again: a signal can never
-        // reach a recycled pid.
-        let proot = state.as_ref().and_then(|s| {
-            let pid = s.live_pid()?;
-            let fd = sys::pidfd_open(pid).ok()?;
-            (s.live_pid() == Some(pid)).then_some((pid, fd))
-        });
+        let proot = state.as_ref().and_then(|s| s.pidfd(SandboxState::live_pid));
         let loader = state
             .as_ref()
-            .and_then(|s| s.loader.clone())
+            .and_then(|s| s.extra.loader.clone())
             .filter(|l| kill::is_loader(l))
             .or_else(|| proot.as_ref().and_then(|(pid, _)| kill::find_loader(*pid)));
         let sandbox = kill::Sandbox {
@@ -831,25 +598,8 @@ impl Inner {
                 }
             }
         }
-        // Deleting a whole root file system takes a while: move it aside and
-        // delete it in the background.
-        let trash = self.state_dir.join(format!(".trash-{id}-{}", token()));
-        match fs::rename(&sd.dir, &trash) {
-            Ok(()) => {
-                std::thread::spawn(move || {
-                    if let Err(e) = fs::remove_dir_all(&trash) {
-                        tracing::warn!(path = %trash.display(), error = %e, "cannot delete a sandbox's files");
-                    }
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(ProviderError::Runtime(format!(
-                    "cannot remove {}: {e}",
-                    sd.dir.display()
-                )))
-            }
-        }
+        // Deleting a whole root file system takes a while.
+        sd.remove_in_background(&self.state_dir, id)?;
         tracing::debug!(
             sandbox = id,
             elapsed_us = t0.elapsed().as_micros() as u64,
@@ -926,84 +676,46 @@ impl Provider for ProotProvider {
     }
 
     async fn destroy(&self, sandbox_id: &str) -> Result<(), ProviderError> {
-        check_id("sandbox id", sandbox_id)?;
         let inner = Arc::clone(&self.inner);
-        let id = sandbox_id.to_string();
-        tokio::task::spawn_blocking(move || inner.teardown(&id))
-            .await
-            .map_err(|e| ProviderError::Runtime(format!("destroy task failed: {e}")))?
+        support::destroy(sandbox_id, move |id| inner.teardown(id)).await
     }
 
     async fn inspect(&self, sandbox_id: &str) -> Result<Option<RuntimeInfo>, ProviderError> {
-        if check_id("sandbox id", sandbox_id).is_err() {
-            return Ok(None);
-        }
         let inner = Arc::clone(&self.inner);
         let id = sandbox_id.to_string();
-        tokio::task::spawn_blocking(move || inner.info(&id))
-            .await
-            .map_err(|e| ProviderError::Runtime(format!("inspect task failed: {e}")))
+        blocking("inspect", move || inner.info(&id)).await
     }
 
     async fn list(&self) -> Result<Vec<RuntimeInfo>, ProviderError> {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.list())
-            .await
-            .map_err(|e| ProviderError::Runtime(format!("list task failed: {e}")))?
+        blocking("list", move || inner.list()).await?
     }
 
     async fn health(&self) -> Result<(), ProviderError> {
-        let mut cached = self.inner.health.lock().await;
-        if let Some((at, result)) = cached.as_ref() {
-            let ttl = if result.is_ok() {
-                HEALTH_OK_TTL
-            } else {
-                HEALTH_ERR_TTL
-            };
-            if at.elapsed() < ttl {
-                return result.clone().map(|_| ()).map_err(unavailable);
+        let probe = async {
+            let result = self.inner.probe().await;
+            match &result {
+                Ok(version) => tracing::debug!(version, "proot provider probe passed"),
+                Err(e) => tracing::warn!(error = %e, "proot provider probe failed"),
             }
-        }
-        let result = self.inner.probe().await;
-        match &result {
-            Ok(version) => tracing::debug!(version, "proot provider probe passed"),
-            Err(e) => tracing::warn!(error = %e, "proot provider probe failed"),
-        }
-        *cached = Some((Instant::now(), result.clone()));
-        result.map(|_| ()).map_err(unavailable)
+            result
+        };
+        self.inner
+            .health
+            .get(probe)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
     }
 
     async fn logs(&self, sandbox_id: &str, lines: usize) -> Vec<String> {
-        if check_id("sandbox id", sandbox_id).is_err() {
-            return Vec::new();
-        }
-        tail_file(
-            &SandboxDir::new(&self.inner.state_dir, sandbox_id).log(),
-            lines,
-        )
+        state::log_tail(&self.inner.state_dir, sandbox_id, lines)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_must_be_single_safe_path_components() {
-        assert!(check_id("id", "sb_abc-1.2").is_ok());
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            "a/b",
-            "a b",
-            "x\0",
-            &"x".repeat(200),
-        ] {
-            assert!(check_id("id", bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn versions_are_read_from_the_banner() {
@@ -1043,15 +755,5 @@ mod tests {
             unenforced(&spec),
             ["memory_mb=512", "vcpus=1", "pids_limit=256", "network=none"]
         );
-    }
-
-    #[test]
-    fn logs_tail() {
-        let p = std::env::temp_dir().join(format!("stacyvm-proot-tail-{}", std::process::id()));
-        fs::write(&p, "a\nb\n\nc\n").unwrap();
-        assert_eq!(tail_file(&p, 2), ["b", "c"]);
-        assert!(tail_file(&p, 0).is_empty());
-        fs::remove_file(&p).unwrap();
-        assert!(tail_file(&p, 3).is_empty());
     }
 }

@@ -87,18 +87,7 @@ pub fn flatten(layers: &[PathBuf], dest: &Path) -> Result<CopyStats, RootfsError
             return Err(RootfsError::BadLayer(l.clone()));
         }
     }
-    fs::DirBuilder::new()
-        .mode(0o755)
-        .create(dest)
-        .map_err(io_err("create", dest))?;
-    let mut c = Copier::new(true);
-    for l in layers {
-        c.links.clear();
-        c.merge(l, dest)?;
-        let m = fs::symlink_metadata(l).map_err(io_err("stat", l))?;
-        c.apply_meta(l, dest, &m)?;
-    }
-    Ok(c.stats)
+    copy_trees(layers, dest, 0o755, true)
 }
 
 /// Copy the tree `src` to the new directory `dest` (no whiteout handling).
@@ -107,13 +96,30 @@ pub fn copy_tree(src: &Path, dest: &Path) -> Result<CopyStats, RootfsError> {
     if !m.is_dir() {
         return Err(RootfsError::BadLayer(src.to_path_buf()));
     }
+    copy_trees(&[src], dest, 0o700, false)
+}
+
+/// Copy the trees `srcs` one over the other (bottom first; `layers`: with
+/// whiteouts and opaque markers) into the new directory `dest`, made with
+/// `mode`; each tree's root passes its metadata on to `dest` in turn.
+fn copy_trees(
+    srcs: &[impl AsRef<Path>],
+    dest: &Path,
+    mode: u32,
+    layers: bool,
+) -> Result<CopyStats, RootfsError> {
     fs::DirBuilder::new()
-        .mode(0o700)
+        .mode(mode)
         .create(dest)
         .map_err(io_err("create", dest))?;
-    let mut c = Copier::new(false);
-    c.merge(src, dest)?;
-    c.apply_meta(src, dest, &m)?;
+    let mut c = Copier::new(layers);
+    for src in srcs {
+        let src = src.as_ref();
+        c.links.clear();
+        c.merge(src, dest)?;
+        let m = fs::symlink_metadata(src).map_err(io_err("stat", src))?;
+        c.apply_meta(src, dest, &m)?;
+    }
     Ok(c.stats)
 }
 

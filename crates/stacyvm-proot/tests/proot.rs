@@ -328,14 +328,15 @@ async fn destroy_kills_every_process_of_the_sandbox() {
     .await;
     for n in [a, b, c, d] {
         assert!(
-            eventually(Duration::from_secs(5), || !processes_with(&n.to_string())
-                .is_empty())
-            .await,
+            process_appears(&n.to_string()).await,
             "background process {n} did not start"
         );
     }
     let dir = fx.provider.state_dir().join(&spec.id);
-    let loader = fx.provider.sandbox_state(&spec.id).and_then(|s| s.loader);
+    let loader = fx
+        .provider
+        .sandbox_state(&spec.id)
+        .and_then(|s| s.extra.loader);
     fx.provider.destroy(&spec.id).await.expect("destroy");
     if let Some(l) = &loader {
         assert!(processes_below(l).is_empty());
@@ -356,9 +357,7 @@ async fn destroy_kills_what_is_left_when_proot_died() {
     let n = 200_000 + (std::process::id() % 50_000) * 10;
     sh_ok(&agent, &format!("setsid sleep {n} >/dev/null 2>&1 &")).await;
     assert!(
-        eventually(Duration::from_secs(5), || !processes_with(&n.to_string())
-            .is_empty())
-        .await,
+        process_appears(&n.to_string()).await,
         "background process did not start"
     );
     let dir = fx.provider.state_dir().join(&spec.id);
@@ -366,6 +365,7 @@ async fn destroy_kills_what_is_left_when_proot_died() {
         .provider
         .sandbox_state(&spec.id)
         .expect("state")
+        .extra
         .loader
         .expect("the loader is recorded");
     assert!(
@@ -374,26 +374,10 @@ async fn destroy_kills_what_is_left_when_proot_died() {
         loader.display()
     );
     // PRoot dies on its own: its tracees are released and keep running.
-    let pid: i32 = fx
-        .provider
-        .inspect(&spec.id)
-        .await
-        .unwrap()
-        .expect("inspect")
-        .runtime_id
-        .parse()
-        .expect("pid");
+    let pid = fx.pid(&spec.id).await;
     // SAFETY: plain signal to the PRoot process this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), || has_exited(pid)).await);
     let info = fx
         .provider
         .inspect(&spec.id)
@@ -420,15 +404,7 @@ async fn a_restarted_server_finds_and_destroys_its_sandboxes() {
     let spec = fx.spec();
     let agent = fx.sandbox(&spec).await;
     sh_ok(&agent, "touch /workspace/kept").await;
-    let pid: i32 = fx
-        .provider
-        .inspect(&spec.id)
-        .await
-        .unwrap()
-        .expect("inspect")
-        .runtime_id
-        .parse()
-        .expect("pid");
+    let pid = fx.pid(&spec.id).await;
 
     // The server shuts down; the sandbox keeps running.
     fx.provider.shutdown().await;

@@ -16,7 +16,7 @@
 //! other `4xx` → [`ProviderError::Invalid`] (the request cannot be met).
 
 use crate::agent::{AgentClient, AgentEndpoint};
-use crate::{Isolation, Provider, ProviderError, RuntimeInfo, SandboxSpec};
+use crate::{error_chain, Isolation, Provider, ProviderError, RuntimeInfo, SandboxSpec};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode};
@@ -272,21 +272,6 @@ fn error_for(status: StatusCode, body: &[u8], what: &str, image: Option<&str>) -
     ProviderError::Runtime(format!(
         "the custom backend answered {what} unexpectedly: {detail}"
     ))
-}
-
-/// An error and every source below it, `a: b: c`.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Validate a base URL into `scheme://authority[/prefix]` without a

@@ -14,7 +14,9 @@
 
 use crate::agent::{AgentClient, AgentError};
 use crate::hostname_for;
-use crate::{Isolation, NetworkMode, Provider, ProviderError, RuntimeInfo, SandboxSpec};
+use crate::{
+    error_chain, Isolation, NetworkMode, Provider, ProviderError, RuntimeInfo, SandboxSpec,
+};
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum, HostConfig};
@@ -899,21 +901,6 @@ fn server_message(e: &DockerError) -> String {
         DockerError::DockerStreamError { error } => error.clone(),
         _ => error_chain(e),
     }
-}
-
-/// An error and its sources, joined with `: `.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -120,6 +120,22 @@ pub enum ProviderError {
     AgentStart(String),
 }
 
+/// An error and every source below it, joined with `: ` (sources whose
+/// text the message already holds are left out).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// A valid hostname (RFC 1123 label) derived from a sandbox id; every
 /// provider names its sandboxes this way (`sb_x` → `sb-x`).
 pub fn hostname_for(sandbox_id: &str) -> String {
@@ -148,6 +164,10 @@ pub fn hostname_for(sandbox_id: &str) -> String {
 pub mod caps {
     /// Commands run with exit codes, timeouts and stdin.
     pub const EXEC: &str = "exec";
+    /// The exec API answers, but from a built-in command interpreter: no
+    /// program runs (the `mock` provider). The suite's exec checks, which
+    /// need real programs, are skipped for it.
+    pub const SIMULATED_EXEC: &str = "simulated_exec";
     /// File API (read, write, list, move, chmod, delete).
     pub const FILES: &str = "files";
     /// Streamed exec output (NDJSON).

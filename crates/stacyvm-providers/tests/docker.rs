@@ -7,8 +7,12 @@
 //! Every test uses its own random instance id and removes the containers
 //! carrying it when it ends, even on failure.
 
+#[path = "../../stacyvm-native/tests/shared/mod.rs"]
+mod shared;
+
 use bollard::query_parameters::{ListContainersOptionsBuilder, RemoveContainerOptionsBuilder};
 use bollard::Docker;
+use shared::{agent_binary, block_on_own_runtime, sandbox_spec, token};
 use stacyvm_providers::agent::AgentClient;
 use stacyvm_providers::docker::{
     container_name, DockerOptions, DockerProvider, PullPolicy, LABEL_INSTANCE, LABEL_MANAGED,
@@ -17,53 +21,8 @@ use stacyvm_providers::docker::{
 use stacyvm_providers::{NetworkMode, Provider, ProviderError, SandboxSpec};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// A unique-enough token for ids and directory names.
-fn token() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "{:x}{:x}{n:x}",
-        std::process::id(),
-        nanos & 0xffff_ffff_ffff
-    )
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The static agent binary; fails the test when there is none.
-fn agent_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("STACYVM_AGENT_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "STACYVM_AGENT_BIN={} does not exist",
-            p.display()
-        );
-        return p;
-    }
-    let target = workspace_root().join("target/x86_64-unknown-linux-gnu");
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("stacyvm-agent");
-        if p.is_file() {
-            return p.canonicalize().unwrap_or(p);
-        }
-    }
-    panic!(
-        "no agent binary: set STACYVM_AGENT_BIN or build it with \
-         RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p stacyvm-agent \
-         --target x86_64-unknown-linux-gnu"
-    );
-}
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 fn test_image() -> String {
     std::env::var("STACYVM_TEST_IMAGE").unwrap_or_else(|_| "stacyvm-test/python:bookworm".into())
@@ -110,21 +69,7 @@ impl Fixture {
 
     /// A spec for a fresh sandbox of the test image with the real agent.
     fn spec(&self) -> SandboxSpec {
-        let id = format!("sb_t{}", token());
-        let run_dir = self.dir.join(&id);
-        std::fs::create_dir_all(&run_dir).expect("run dir");
-        SandboxSpec {
-            id,
-            image: test_image(),
-            memory_mb: 256,
-            vcpus: 1,
-            pids_limit: 128,
-            network: NetworkMode::None,
-            env: BTreeMap::from([("STACYVM_TEST".to_string(), "yes".to_string())]),
-            run_dir,
-            agent_binary: agent_binary(),
-            start_timeout: Duration::from_secs(15),
-        }
+        sandbox_spec(&test_image(), &self.dir)
     }
 
     /// Write an executable file into the scratch dir and return its path.
@@ -156,40 +101,29 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let instance = self.instance.clone();
-        // Runs on its own thread so it works inside and outside a runtime.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+        let instance = &self.instance;
+        block_on_own_runtime(async move {
+            let Ok(d) = Docker::connect_with_unix_defaults() else {
                 return;
             };
-            rt.block_on(async move {
-                let Ok(d) = Docker::connect_with_unix_defaults() else {
-                    return;
-                };
-                let Ok(d) = d.negotiate_version().await else {
-                    return;
-                };
-                let filters =
-                    HashMap::from([("label", vec![format!("{LABEL_INSTANCE}={instance}")])]);
-                let opts = ListContainersOptionsBuilder::new()
-                    .all(true)
-                    .filters(&filters)
-                    .build();
-                for c in d.list_containers(Some(opts)).await.unwrap_or_default() {
-                    if let Some(id) = c.id {
-                        let rm = RemoveContainerOptionsBuilder::new()
-                            .force(true)
-                            .v(true)
-                            .build();
-                        let _ = d.remove_container(&id, Some(rm)).await;
-                    }
+            let Ok(d) = d.negotiate_version().await else {
+                return;
+            };
+            let filters = HashMap::from([("label", vec![format!("{LABEL_INSTANCE}={instance}")])]);
+            let opts = ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&filters)
+                .build();
+            for c in d.list_containers(Some(opts)).await.unwrap_or_default() {
+                if let Some(id) = c.id {
+                    let rm = RemoveContainerOptionsBuilder::new()
+                        .force(true)
+                        .v(true)
+                        .build();
+                    let _ = d.remove_container(&id, Some(rm)).await;
                 }
-            });
+            }
         });
-        let _ = cleanup.join();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -55,6 +55,14 @@ fn check(id: &str, status: Status, detail: impl Into<String>) -> CheckResult {
     }
 }
 
+/// A probe's result as a check: `ok` when it succeeded, its error if not.
+fn probe(id: &str, res: Result<String, String>, ok: &str) -> CheckResult {
+    match res {
+        Ok(_) => check(id, Status::Pass, ok),
+        Err(e) => check(id, Status::Fail, e),
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -185,14 +193,11 @@ fn namespaces() -> CheckResult {
         args.extend(["--user", "--map-root-user"]);
     }
     args.push("true");
-    match run("unshare", &args, T) {
-        Ok(_) => check(
-            "host.namespaces",
-            Status::Pass,
-            "created mount, pid, net, uts, ipc and cgroup namespaces",
-        ),
-        Err(e) => check("host.namespaces", Status::Fail, e),
-    }
+    probe(
+        "host.namespaces",
+        run("unshare", &args, T),
+        "created mount, pid, net, uts, ipc and cgroup namespaces",
+    )
 }
 
 fn user_namespaces() -> CheckResult {
@@ -240,14 +245,11 @@ fn overlayfs() -> CheckResult {
         run("unshare", &args, T)
     })();
     let _ = std::fs::remove_dir_all(&dir);
-    match res {
-        Ok(_) => check(
-            "host.overlayfs",
-            Status::Pass,
-            "mounted an overlay in a private mount namespace and wrote through it",
-        ),
-        Err(e) => check("host.overlayfs", Status::Fail, e),
-    }
+    probe(
+        "host.overlayfs",
+        res,
+        "mounted an overlay in a private mount namespace and wrote through it",
+    )
 }
 
 fn seccomp() -> CheckResult {

@@ -13,34 +13,17 @@
 
 #![allow(dead_code)]
 
-use stacyvm_agent_proto::{ExecRequest, ExecResult};
+#[path = "../shared/mod.rs"]
+mod shared;
+
+pub use shared::*;
 use stacyvm_native::{DirRootfs, NativeOptions, NativeProvider};
 use stacyvm_providers::agent::AgentClient;
-use stacyvm_providers::{NetworkMode, Provider, SandboxSpec};
-use std::collections::BTreeMap;
+use stacyvm_providers::SandboxSpec;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Name the tests give the test image in the provider.
-pub const IMAGE: &str = "test/python";
-
-/// A unique-enough token for ids and directory names.
-pub fn token() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{:x}{n:x}", std::process::id(), nanos & 0xff_ffff_ffff)
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::time::Duration;
 
 /// Fail unless running as root.
 pub fn require_root() {
@@ -49,31 +32,6 @@ pub fn require_root() {
     assert_eq!(
         euid, 0,
         "the native provider tests need root (namespaces, overlayfs, cgroups); run them as root"
-    );
-}
-
-/// The static agent binary; fails the test when there is none.
-pub fn agent_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("STACYVM_AGENT_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "STACYVM_AGENT_BIN={} does not exist",
-            p.display()
-        );
-        return p;
-    }
-    let target = workspace_root().join("target/x86_64-unknown-linux-gnu");
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("stacyvm-agent");
-        if p.is_file() {
-            return p.canonicalize().unwrap_or(p);
-        }
-    }
-    panic!(
-        "no agent binary: set STACYVM_AGENT_BIN or build it with scripts/build.sh \
-         (RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p stacyvm-agent \
-         --target x86_64-unknown-linux-gnu)"
     );
 }
 
@@ -204,57 +162,19 @@ impl Fixture {
 
     /// A spec for a fresh sandbox of the test image with the real agent.
     pub fn spec(&self) -> SandboxSpec {
-        let id = format!("sb_t{}", token());
-        let run_dir = self.dir.join("run").join(&id);
-        std::fs::create_dir_all(&run_dir).expect("run dir");
-        SandboxSpec {
-            id,
-            image: IMAGE.to_string(),
-            memory_mb: 256,
-            vcpus: 1,
-            pids_limit: 128,
-            network: NetworkMode::None,
-            env: BTreeMap::from([("STACYVM_TEST".to_string(), "yes".to_string())]),
-            run_dir,
-            agent_binary: agent_binary(),
-            start_timeout: Duration::from_secs(15),
-        }
+        sandbox_spec(IMAGE, &self.dir.join("run"))
     }
 
     /// Create a sandbox and return its agent client.
     pub async fn sandbox(&self, spec: &SandboxSpec) -> AgentClient {
-        self.provider
-            .create(spec)
-            .await
-            .unwrap_or_else(|e| panic!("create {}: {e}", spec.id));
-        AgentClient::new(spec.socket_path())
+        create_sandbox(&self.provider, spec).await
     }
 }
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // Destroy whatever this fixture still has, on a runtime of our own
-        // (the test's runtime may be shutting down).
-        let provider = &self.provider;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(async {
-                    if let Ok(list) = provider.list().await {
-                        for info in list {
-                            if let Err(e) = provider.destroy(&info.sandbox_id).await {
-                                eprintln!("cleanup of {} failed: {e}", info.sandbox_id);
-                            }
-                        }
-                    }
-                });
-            });
-        });
+        // Destroy whatever this fixture still has.
+        block_on_own_runtime(destroy_all(&self.provider));
         // Whatever else of this instance is left (pre-started sandboxes of a
         // helper process, a failed assertion half-way): kill and remove it.
         if let Ok(layout) = self.provider.cgroup_layout() {
@@ -265,24 +185,6 @@ impl Drop for Fixture {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Run `line` with `/bin/sh -c` in the sandbox.
-pub async fn sh(agent: &AgentClient, line: &str) -> ExecResult {
-    sh_timeout(agent, line, 60_000).await
-}
-
-/// Run `line` with `/bin/sh -c` and a timeout in milliseconds.
-pub async fn sh_timeout(agent: &AgentClient, line: &str, timeout_ms: u64) -> ExecResult {
-    agent
-        .exec(&ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), line.into()],
-            workdir: "/".into(),
-            timeout_ms,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("exec {line:?}: {e}"))
 }
 
 /// Lines of the host's mount table that mention `needle`.

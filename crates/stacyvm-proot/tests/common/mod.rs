@@ -14,59 +14,17 @@
 
 #![allow(dead_code)]
 
-use stacyvm_agent_proto::{ExecRequest, ExecResult};
+#[path = "../../../stacyvm-native/tests/shared/mod.rs"]
+mod shared;
+
+pub use shared::*;
 use stacyvm_native::{DirRootfs, ResolvedImage};
 use stacyvm_proot::{ProotOptions, ProotProvider};
 use stacyvm_providers::agent::AgentClient;
-use stacyvm_providers::{NetworkMode, Provider, SandboxSpec};
-use std::collections::BTreeMap;
+use stacyvm_providers::{Provider, SandboxSpec};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Name the tests give the test image in the provider.
-pub const IMAGE: &str = "test/python";
-
-/// A unique-enough token for ids and directory names.
-pub fn token() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{:x}{n:x}", std::process::id(), nanos & 0xff_ffff_ffff)
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The static agent binary; fails the test when there is none.
-pub fn agent_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("STACYVM_AGENT_BIN") {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "STACYVM_AGENT_BIN={} does not exist",
-            p.display()
-        );
-        return p;
-    }
-    let target = workspace_root().join("target/x86_64-unknown-linux-gnu");
-    for profile in ["release", "debug"] {
-        let p = target.join(profile).join("stacyvm-agent");
-        if p.is_file() {
-            return p.canonicalize().unwrap_or(p);
-        }
-    }
-    panic!(
-        "no agent binary: set STACYVM_AGENT_BIN or build it with scripts/build.sh \
-         (RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p stacyvm-agent \
-         --target x86_64-unknown-linux-gnu)"
-    );
-}
+use std::time::Duration;
 
 /// The `proot` executable the tests use.
 pub fn proot_binary() -> PathBuf {
@@ -237,30 +195,29 @@ impl Fixture {
     /// A spec for a fresh sandbox of the test image with the real agent and
     /// the server's default limits.
     pub fn spec(&self) -> SandboxSpec {
-        let id = format!("sb_t{}", token());
-        let run_dir = self.dir.join("run").join(&id);
-        std::fs::create_dir_all(&run_dir).expect("run dir");
         SandboxSpec {
-            id,
-            image: IMAGE.to_string(),
             memory_mb: 512,
-            vcpus: 1,
             pids_limit: 256,
-            network: NetworkMode::None,
-            env: BTreeMap::from([("STACYVM_TEST".to_string(), "yes".to_string())]),
-            run_dir,
-            agent_binary: agent_binary(),
             start_timeout: Duration::from_secs(30),
+            ..sandbox_spec(IMAGE, &self.dir.join("run"))
         }
     }
 
     /// Create a sandbox and return its agent client.
     pub async fn sandbox(&self, spec: &SandboxSpec) -> AgentClient {
+        create_sandbox(&self.provider, spec).await
+    }
+
+    /// The host pid of a sandbox's PRoot, as `inspect` reports it.
+    pub async fn pid(&self, id: &str) -> i32 {
         self.provider
-            .create(spec)
+            .inspect(id)
             .await
-            .unwrap_or_else(|e| panic!("create {}: {e}", spec.id));
-        AgentClient::new(spec.socket_path())
+            .unwrap()
+            .expect("inspect")
+            .runtime_id
+            .parse()
+            .expect("pid")
     }
 
     /// The host path of a sandbox's root file system.
@@ -271,29 +228,12 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // Destroy whatever this fixture still has, on a runtime of our own
-        // (the test's runtime may be shutting down).
+        // Destroy whatever this fixture still has.
         let provider = &self.provider;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(async {
-                    provider.set_spare_roots(0);
-                    provider.wait_spare_roots(Duration::from_secs(60)).await;
-                    if let Ok(list) = provider.list().await {
-                        for info in list {
-                            if let Err(e) = provider.destroy(&info.sandbox_id).await {
-                                eprintln!("cleanup of {} failed: {e}", info.sandbox_id);
-                            }
-                        }
-                    }
-                });
-            });
+        block_on_own_runtime(async {
+            provider.set_spare_roots(0);
+            provider.wait_spare_roots(Duration::from_secs(60)).await;
+            destroy_all(provider).await;
         });
         // Background deletion of destroyed sandboxes may still run.
         for _ in 0..100 {
@@ -303,19 +243,6 @@ impl Drop for Fixture {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-/// Run `line` with `/bin/sh -c` in the sandbox.
-pub async fn sh(agent: &AgentClient, line: &str) -> ExecResult {
-    agent
-        .exec(&ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), line.into()],
-            workdir: "/".into(),
-            timeout_ms: 60_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("exec {line:?}: {e}"))
 }
 
 /// Run `line` and require exit code 0; returns stdout.
@@ -331,46 +258,35 @@ pub async fn sh_ok(agent: &AgentClient, line: &str) -> String {
 
 /// Host processes (not zombies) whose command line contains `needle`.
 pub fn processes_with(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let zombie = std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        });
-        if zombie {
-            continue;
-        }
-        let cmdline = std::fs::read_to_string(e.path().join("cmdline"))
-            .unwrap_or_default()
-            .replace('\0', " ");
-        if cmdline.contains(needle) {
-            out.push(format!("{name}: {cmdline}"));
-        }
-    }
-    out
+    live_processes()
+        .into_iter()
+        .map(|(pid, dir)| (pid, cmdline(&dir)))
+        .filter(|(_, cmdline)| cmdline.contains(needle))
+        .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
+        .collect()
 }
 
 /// Host processes running the program `dir` or a program from below it.
 pub fn processes_below(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        if let Ok(exe) = std::fs::read_link(e.path().join("exe")) {
+    live_processes()
+        .into_iter()
+        .filter_map(|(pid, proc_dir)| {
+            let exe = std::fs::read_link(proc_dir.join("exe")).ok()?;
             let exe = exe.to_string_lossy();
             let exe = Path::new(exe.strip_suffix(" (deleted)").unwrap_or(&exe));
-            if exe.starts_with(dir) {
-                out.push(format!("{name}: {}", exe.display()));
-            }
-        }
-    }
-    out
+            exe.starts_with(dir)
+                .then(|| format!("{pid}: {}", exe.display()))
+        })
+        .collect()
+}
+
+/// Whether a host process whose command line contains `needle` shows up
+/// within 5 s.
+pub async fn process_appears(needle: &str) -> bool {
+    eventually(Duration::from_secs(5), || {
+        !processes_with(needle).is_empty()
+    })
+    .await
 }
 
 /// Wait up to `timeout` for `f` to hold.

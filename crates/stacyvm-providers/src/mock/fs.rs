@@ -10,27 +10,24 @@
 //! agent's 400s).
 //!
 //! The functions here are blocking; the server runs them on tokio's
-//! blocking pool.
+//! blocking pool. The checks and error answers are the protocol crate's,
+//! as for the real agent.
 
-use super::error::{too_many_links, ApiError, EEXIST, ENOTDIR, ENOTEMPTY};
-use stacyvm_agent_proto::{format_mode, path, FileEntry};
-use std::collections::{BTreeSet, VecDeque};
+use stacyvm_agent_proto::error::{errno, ApiError};
+use stacyvm_agent_proto::glob::{self, DirItem, EntryKind, GlobFs};
+use stacyvm_agent_proto::path::{base_name, parent_of};
+use stacyvm_agent_proto::FileEntry;
+use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Most symlinks followed while resolving one path (Linux's limit).
 const MAX_SYMLINK_HOPS: usize = 40;
-/// Default mode of uploaded files.
-pub(crate) const DEFAULT_FILE_MODE: u32 = 0o644;
-/// At most this many paths are returned by a glob.
-const GLOB_MAX_RESULTS: usize = 100_000;
-/// At most this many directory entries are examined per glob.
-const GLOB_MAX_VISITED: usize = 2_000_000;
 
 /// The directory that is a mock sandbox's `/`.
 #[derive(Debug, Clone)]
@@ -79,7 +76,7 @@ impl Root {
                 if is_link {
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
-                        return Err(too_many_links());
+                        return Err(io::Error::from_raw_os_error(errno::ELOOP));
                     }
                     let target = fs::read_link(&candidate)?;
                     if target.as_os_str().as_bytes().starts_with(b"/") {
@@ -115,78 +112,6 @@ fn split(p: &OsStr) -> VecDeque<OsString> {
         .collect()
 }
 
-/// The last component of a normalized path (`/` for the root).
-pub(crate) fn base_name(p: &str) -> String {
-    match p.rsplit_once('/') {
-        Some((_, "")) | None => "/".to_string(),
-        Some((_, name)) => name.to_string(),
-    }
-}
-
-/// The parent directory of a normalized path other than `/`.
-pub(crate) fn parent_of(p: &str) -> &str {
-    match p.rfind('/') {
-        Some(0) | None => "/",
-        Some(i) => &p[..i],
-    }
-}
-
-/// `dir/name` for a normalized `dir`.
-pub(crate) fn join(dir: &str, name: &str) -> String {
-    if dir == "/" {
-        format!("/{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// RFC 3339 UTC, whole seconds (`1970-01-01T00:00:00Z`).
-pub(crate) fn rfc3339(unix_secs: i64) -> String {
-    let (y, mo, d) = civil_from_days(unix_secs.div_euclid(86_400));
-    let s = unix_secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
-}
-
-/// RFC 3339 UTC with milliseconds, for log lines.
-pub(crate) fn rfc3339_millis(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = i64::try_from(d.as_secs()).unwrap_or(0);
-    let base = rfc3339(secs);
-    format!("{}.{:03}Z", base.trim_end_matches('Z'), d.subsec_millis())
-}
-
-/// A [`FileEntry`] from `lstat` metadata.
-pub(crate) fn entry(path: String, name: String, m: &Metadata) -> FileEntry {
-    FileEntry {
-        path,
-        name,
-        size: m.len(),
-        mode: format_mode(m.mode()),
-        is_dir: m.is_dir(),
-        mod_time: rfc3339(m.mtime()),
-        is_symlink: m.file_type().is_symlink(),
-    }
-}
-
 fn resolved(root: &Root, p: &str, follow_last: bool) -> Result<PathBuf, ApiError> {
     root.resolve(p, follow_last)
         .map_err(|e| ApiError::from_io(&e, p))
@@ -208,12 +133,8 @@ pub(crate) fn open_read(root: &Root, p: &str) -> Result<(File, Metadata), ApiErr
 
 /// Create the missing parents of a file's directory `dir` (normalized).
 fn create_parents(root: &Root, dir: &str) -> Result<(), ApiError> {
-    root.create_dirs(dir).map_err(|e| match e.raw_os_error() {
-        Some(EEXIST) | Some(ENOTDIR) => ApiError::invalid(format!(
-            "cannot create directory {dir}: a parent is not a directory"
-        )),
-        _ => ApiError::from_io(&e, dir),
-    })
+    root.create_dirs(dir)
+        .map_err(|e| ApiError::from_create_dirs_io(&e, dir))
 }
 
 /// A random hex suffix for temporary file names.
@@ -307,12 +228,7 @@ pub(crate) fn delete(root: &Root, p: &str, recursive: bool) -> Result<(), ApiErr
     } else {
         fs::remove_dir(&host)
     };
-    res.map_err(|e| match e.raw_os_error() {
-        Some(ENOTEMPTY) | Some(EEXIST) => {
-            ApiError::conflict(format!("directory {p} is not empty (use recursive=true)"))
-        }
-        _ => ApiError::from_io(&e, p),
-    })
+    res.map_err(|e| ApiError::from_delete_io(&e, p))
 }
 
 /// `GET /v1/files/list`: one directory level, sorted by name.
@@ -323,44 +239,34 @@ pub(crate) fn list(root: &Root, p: &str) -> Result<Vec<FileEntry>, ApiError> {
         return Err(ApiError::invalid(format!("{p} is not a directory")));
     }
     let dir = fs::read_dir(&host).map_err(|e| ApiError::from_io(&e, p))?;
-    let mut out = Vec::new();
-    for ent in dir {
-        let ent = ent.map_err(|e| ApiError::from_io(&e, p))?;
-        let name = ent.file_name().to_string_lossy().into_owned();
-        let full = join(p, &name);
-        if path::is_reserved(&full) {
-            continue;
-        }
-        // An entry removed meanwhile is skipped.
-        if let Ok(m) = ent.metadata() {
-            out.push(entry(full, name, &m));
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    // DirEntry::metadata does not follow symlinks.
+    FileEntry::listing(
+        p,
+        dir.map(|ent| {
+            ent.map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().ok(),
+                )
+            })
+        }),
+    )
 }
 
 /// `GET /v1/files/stat` (does not follow a final symlink).
 pub(crate) fn stat(root: &Root, p: &str) -> Result<FileEntry, ApiError> {
     let host = resolved(root, p, false)?;
     let m = fs::symlink_metadata(&host).map_err(|e| ApiError::from_io(&e, p))?;
-    Ok(entry(p.to_string(), base_name(p), &m))
+    Ok(FileEntry::from_metadata(p.to_string(), base_name(p), &m))
 }
 
-/// `POST /v1/files/move`. Both paths are normalized.
+/// `POST /v1/files/move`. Both paths are normalized and neither is `/`
+/// ([`stacyvm_agent_proto::request::move_paths`]).
 pub(crate) fn rename(root: &Root, from: &str, to: &str) -> Result<(), ApiError> {
-    if from == "/" || to == "/" {
-        return Err(ApiError::invalid("cannot move /"));
-    }
     let host_from = resolved(root, from, false)?;
     fs::symlink_metadata(&host_from).map_err(|e| ApiError::from_io(&e, from))?;
-    if from == to {
+    if !stacyvm_agent_proto::request::move_needed(from, to)? {
         return Ok(());
-    }
-    if to.starts_with(&format!("{from}/")) {
-        return Err(ApiError::invalid(format!(
-            "cannot move {from} into itself ({to})"
-        )));
     }
     create_parents(root, parent_of(to))?;
     let host_to = resolved(root, to, false)?;
@@ -376,214 +282,43 @@ pub(crate) fn chmod(root: &Root, p: &str, mode: u32) -> Result<(), ApiError> {
 
 // ----- glob -----------------------------------------------------------------
 
-/// True when a component contains glob syntax.
-fn has_meta(comp: &str) -> bool {
-    comp.contains(['*', '?', '['])
-}
+/// The sandbox's files for [`glob::glob`]: nodes are host paths inside the
+/// root. The walk never follows a host symlink (it could point anywhere on
+/// the host): only the pattern's literal prefix is resolved, by
+/// [`Root::resolve`], and symlinked directories below it are not entered.
+impl GlobFs for Root {
+    type Node = PathBuf;
 
-/// Match a bracket class starting at `p[start] == '['` against `c`.
-/// Returns `(matched, index after the closing ']')`, or `None` when the class
-/// is not closed (then `[` is an ordinary character).
-fn match_class(p: &[char], start: usize, c: char) -> Option<(bool, usize)> {
-    let mut i = start + 1;
-    let negate = matches!(p.get(i), Some('!') | Some('^'));
-    if negate {
-        i += 1;
-    }
-    let mut matched = false;
-    let mut first = true;
-    loop {
-        let &lo = p.get(i)?;
-        if lo == ']' && !first {
-            return Some((matched != negate, i + 1));
-        }
-        first = false;
-        if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|&hi| hi != ']') {
-            let hi = p[i + 2];
-            if lo <= c && c <= hi {
-                matched = true;
-            }
-            i += 3;
-        } else {
-            if lo == c {
-                matched = true;
-            }
-            i += 1;
-        }
-    }
-}
-
-/// Match one path component `name` against the component pattern `pat`
-/// (`*`, `?`, `[abc]`, `[a-z]`, `[!a]`; wildcards match leading dots too).
-pub(crate) fn match_component(pat: &str, name: &str) -> bool {
-    let p: Vec<char> = pat.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    let (mut pi, mut ni) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if let Some(&pc) = p.get(pi) {
-            match pc {
-                '*' => {
-                    star = Some((pi + 1, ni));
-                    pi += 1;
-                    continue;
-                }
-                '?' => {
-                    pi += 1;
-                    ni += 1;
-                    continue;
-                }
-                '[' => match match_class(&p, pi, n[ni]) {
-                    Some((true, next)) => {
-                        pi = next;
-                        ni += 1;
-                        continue;
-                    }
-                    Some((false, _)) => {}
-                    None if n[ni] == '[' => {
-                        pi += 1;
-                        ni += 1;
-                        continue;
-                    }
-                    None => {}
-                },
-                c if c == n[ni] => {
-                    pi += 1;
-                    ni += 1;
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        match star {
-            Some((sp, sn)) => {
-                pi = sp;
-                ni = sn + 1;
-                star = Some((sp, sn + 1));
-            }
-            None => return false,
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
-struct Walker {
-    found: BTreeSet<String>,
-    visited: usize,
-}
-
-impl Walker {
-    fn full(&self) -> bool {
-        self.found.len() >= GLOB_MAX_RESULTS || self.visited >= GLOB_MAX_VISITED
+    fn start(&self, path: &str, follow_last: bool) -> Option<PathBuf> {
+        self.resolve(path, follow_last).ok()
     }
 
-    fn add(&mut self, path: String) {
-        if self.found.len() < GLOB_MAX_RESULTS && !path::is_reserved(&path) {
-            self.found.insert(path);
-        }
+    fn child(&self, dir: &PathBuf, name: &str) -> PathBuf {
+        dir.join(name)
     }
 
-    /// Entries of the host directory `host` as (name, is a real directory).
-    fn read(&mut self, vdir: &str, host: &Path) -> Vec<(String, bool)> {
-        let Ok(rd) = fs::read_dir(host) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for ent in rd.flatten() {
-            self.visited += 1;
-            if self.visited >= GLOB_MAX_VISITED {
-                break;
-            }
-            let Ok(ft) = ent.file_type() else { continue };
-            let name = ent.file_name().to_string_lossy().into_owned();
-            if path::is_reserved(&join(vdir, &name)) {
-                continue;
-            }
-            out.push((name, ft.is_dir()));
-        }
-        out
+    fn read_dir(&self, host: &PathBuf) -> Option<Box<dyn Iterator<Item = DirItem> + '_>> {
+        let rd = fs::read_dir(host).ok()?;
+        Some(Box::new(rd.flatten().map(|ent| {
+            let kind = EntryKind::from(ent.file_type().ok()?);
+            Some((ent.file_name().to_string_lossy().into_owned(), kind))
+        })))
     }
 
-    /// Match `pats` below the directory `vdir` (host path `host`). Symlinked
-    /// directories are not descended into.
-    fn walk(&mut self, vdir: &str, host: &Path, pats: &[&str]) {
-        if self.full() {
-            return;
-        }
-        let Some((&first, rest)) = pats.split_first() else {
-            self.add(vdir.to_string());
-            return;
-        };
-        if first == "**" {
-            self.walk(vdir, host, rest);
-            for (name, is_dir) in self.read(vdir, host) {
-                if self.full() {
-                    return;
-                }
-                let child = join(vdir, &name);
-                if rest.is_empty() {
-                    self.add(child.clone());
-                }
-                if is_dir {
-                    self.walk(&child, &host.join(&name), pats);
-                }
-            }
-        } else if !has_meta(first) {
-            let child = join(vdir, first);
-            if path::is_reserved(&child) {
-                return;
-            }
-            let hchild = host.join(first);
-            match fs::symlink_metadata(&hchild) {
-                Ok(_) if rest.is_empty() => self.add(child),
-                Ok(m) if m.is_dir() => self.walk(&child, &hchild, rest),
-                _ => {}
-            }
-        } else {
-            for (name, is_dir) in self.read(vdir, host) {
-                if self.full() {
-                    return;
-                }
-                if !match_component(first, &name) {
-                    continue;
-                }
-                let child = join(vdir, &name);
-                if rest.is_empty() {
-                    self.add(child);
-                } else if is_dir {
-                    self.walk(&child, &host.join(&name), rest);
-                }
-            }
-        }
+    fn exists(&self, host: &PathBuf) -> bool {
+        fs::symlink_metadata(host).is_ok()
+    }
+
+    /// A real directory only.
+    fn is_dir(&self, host: &PathBuf) -> bool {
+        fs::symlink_metadata(host).is_ok_and(|m| m.is_dir())
     }
 }
 
 /// `GET /v1/files/glob`: existing paths matching the normalized absolute
-/// `pattern`, sorted. A whole component `**` matches zero or more
-/// directories.
+/// `pattern`, sorted.
 pub(crate) fn glob(root: &Root, pattern: &str) -> Vec<String> {
-    let comps: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
-    let lit = comps.iter().take_while(|c| !has_meta(c)).count();
-    let mut base = String::from("/");
-    for c in &comps[..lit] {
-        base = join(&base, c);
-    }
-    let mut w = Walker {
-        found: BTreeSet::new(),
-        visited: 0,
-    };
-    let follow = lit < comps.len();
-    let Ok(host) = root.resolve(&base, follow) else {
-        return Vec::new();
-    };
-    if !follow {
-        if fs::symlink_metadata(&host).is_ok() {
-            w.add(base);
-        }
-    } else if fs::metadata(&host).is_ok_and(|m| m.is_dir()) {
-        w.walk(&base, &host, &comps[lit..]);
-    }
-    w.found.into_iter().collect()
+    glob::glob(root, pattern)
 }
 
 #[cfg(test)]
@@ -610,26 +345,6 @@ pub(crate) mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
-    }
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
-        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
-        assert_eq!(rfc3339_millis(t), "2023-11-14T22:13:20.123Z");
-    }
-
-    #[test]
-    fn path_pieces() {
-        assert_eq!(base_name("/"), "/");
-        assert_eq!(base_name("/a/b.txt"), "b.txt");
-        assert_eq!(parent_of("/a"), "/");
-        assert_eq!(parent_of("/a/b/c"), "/a/b");
-        assert_eq!(join("/", "x"), "/x");
-        assert_eq!(join("/a", "x"), "/a/x");
     }
 
     #[test]
@@ -667,7 +382,7 @@ pub(crate) mod tests {
         symlink("/loop2", r.join("loop1")).unwrap();
         symlink("/loop1", r.join("loop2")).unwrap();
         let e = root.resolve("/loop1/x", true).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(super::super::error::ELOOP));
+        assert_eq!(e.raw_os_error(), Some(errno::ELOOP));
     }
 
     #[test]
@@ -761,7 +476,5 @@ pub(crate) mod tests {
         assert_eq!(glob(&root, "/link/c.py"), ["/link/c.py"]);
         assert_eq!(glob(&root, "/link/*.py"), ["/link/c.py"]);
         assert!(glob(&root, "/nope/*").is_empty());
-        assert!(match_component("a*b*c", "aXXbYYc"));
-        assert!(!match_component("[!a]", "a"));
     }
 }

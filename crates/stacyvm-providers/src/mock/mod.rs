@@ -20,7 +20,6 @@
 //! serves this instance's sandboxes again (their files are kept), so
 //! reconciliation re-attaches them.
 
-mod error;
 mod exec;
 mod fs;
 mod server;
@@ -300,7 +299,7 @@ impl Provider for MockProvider {
     }
 
     fn capabilities(&self) -> Vec<String> {
-        [caps::EXEC, caps::FILES, caps::STREAMING]
+        [caps::SIMULATED_EXEC, caps::FILES, caps::STREAMING]
             .iter()
             .map(|s| s.to_string())
             .collect()

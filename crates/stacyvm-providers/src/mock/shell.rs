@@ -30,9 +30,12 @@
 //! Files are the sandbox's files: every path goes through [`Root`], so
 //! nothing outside the sandbox's root directory can be read or written.
 
-use super::error::{EACCES, EEXIST, EISDIR};
-use super::exec::{Sink, Stream};
-use super::fs::{join, Root};
+use super::exec::Sink;
+use super::fs::Root;
+use stacyvm_agent_proto::error::errno::{EACCES, EEXIST, EISDIR};
+use stacyvm_agent_proto::error::io_message;
+use stacyvm_agent_proto::path::join;
+use stacyvm_agent_proto::OutputStream;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
@@ -237,20 +240,16 @@ fn tokenize(line: &str) -> Result<Vec<Tok>, String> {
                 toks.push(Tok::Op(Conn::Seq));
                 i += 1;
             }
-            '&' => {
+            '&' | '|' => {
                 word.finish(&mut toks);
-                if next != Some('&') {
-                    return Err("background jobs (`&`) are not supported".into());
+                let (op, single) = match c {
+                    '&' => (Conn::And, "background jobs (`&`)"),
+                    _ => (Conn::Or, "pipes (`|`)"),
+                };
+                if next != Some(c) {
+                    return Err(format!("{single} are not supported"));
                 }
-                toks.push(Tok::Op(Conn::And));
-                i += 2;
-            }
-            '|' => {
-                word.finish(&mut toks);
-                if next != Some('|') {
-                    return Err("pipes (`|`) are not supported".into());
-                }
-                toks.push(Tok::Op(Conn::Or));
+                toks.push(Tok::Op(op));
                 i += 2;
             }
             '>' | '<' => {
@@ -471,7 +470,7 @@ impl Out {
 
 /// An io error as coreutils word it (`No such file or directory`).
 fn reason(e: &io::Error) -> String {
-    super::error::io_message(e)
+    io_message(e)
 }
 
 /// The interpreter state of one exec.
@@ -510,7 +509,7 @@ impl<'a> Interp<'a> {
                     let text = format!(
                         "mock: syntax error: {msg} (the mock provider interprets only simple commands)\n"
                     );
-                    sink.write(Stream::Stderr, text.as_bytes()).await;
+                    sink.write(OutputStream::Stderr, text.as_bytes()).await;
                     SYNTAX_ERROR
                 }
             };
@@ -714,14 +713,14 @@ impl<'a> Interp<'a> {
     async fn route(&self, out: Out, dests: &[Dest; 3], files: &mut [fs::File], sink: &mut Sink) {
         for (fd, data) in out.chunks {
             match dests[usize::from(fd)] {
-                Dest::Stdout => sink.write(Stream::Stdout, &data).await,
-                Dest::Stderr => sink.write(Stream::Stderr, &data).await,
+                Dest::Stdout => sink.write(OutputStream::Stdout, &data).await,
+                Dest::Stderr => sink.write(OutputStream::Stderr, &data).await,
                 Dest::Null => {}
                 Dest::File(i) => {
                     if let Some(f) = files.get_mut(i) {
                         if let Err(e) = f.write_all(&data) {
                             let msg = format!("mock: write error: {}\n", reason(&e));
-                            sink.write(Stream::Stderr, msg.as_bytes()).await;
+                            sink.write(OutputStream::Stderr, msg.as_bytes()).await;
                         }
                     }
                 }
@@ -892,31 +891,23 @@ impl<'a> Interp<'a> {
     }
 
     fn ls(&self, args: &[String], out: &mut Out) -> i32 {
-        let mut all = false;
-        let mut almost = false;
-        let mut paths = Vec::new();
-        for a in args {
-            match a.strip_prefix('-') {
-                Some(flags) if !flags.is_empty() => {
-                    for f in flags.chars() {
-                        match f {
-                            'a' => all = true,
-                            'A' => almost = true,
-                            '1' => {}
-                            other => {
-                                out.err(format!(
-                                    "ls: invalid option -- '{other}' (the mock's ls knows -a, -A, -1)\n"
-                                ));
-                                return 2;
-                            }
-                        }
-                    }
+        let (flags, mut paths) = split_options(args);
+        let (mut all, mut almost) = (false, false);
+        for f in flags {
+            match f {
+                'a' => all = true,
+                'A' => almost = true,
+                '1' => {}
+                other => {
+                    out.err(format!(
+                        "ls: invalid option -- '{other}' (the mock's ls knows -a, -A, -1)\n"
+                    ));
+                    return 2;
                 }
-                _ => paths.push(a.clone()),
             }
         }
         if paths.is_empty() {
-            paths.push(".".to_string());
+            paths.push(".");
         }
         let many = paths.len() > 1;
         let mut code = 0;
@@ -1015,24 +1006,16 @@ impl<'a> Interp<'a> {
     }
 
     fn rm(&self, args: &[String], out: &mut Out) -> i32 {
-        let mut recursive = false;
-        let mut force = false;
-        let mut paths = Vec::new();
-        for a in args {
-            match a.strip_prefix('-') {
-                Some(flags) if !flags.is_empty() => {
-                    for f in flags.chars() {
-                        match f {
-                            'r' | 'R' => recursive = true,
-                            'f' => force = true,
-                            other => {
-                                out.err(format!("rm: invalid option -- '{other}'\n"));
-                                return 1;
-                            }
-                        }
-                    }
+        let (flags, paths) = split_options(args);
+        let (mut recursive, mut force) = (false, false);
+        for f in flags {
+            match f {
+                'r' | 'R' => recursive = true,
+                'f' => force = true,
+                other => {
+                    out.err(format!("rm: invalid option -- '{other}'\n"));
+                    return 1;
                 }
-                _ => paths.push(a),
             }
         }
         if paths.is_empty() && !force {
@@ -1067,6 +1050,20 @@ impl<'a> Interp<'a> {
         }
         code
     }
+}
+
+/// A command's arguments split into its option letters (of `-abc` words)
+/// and its operands, each in order.
+fn split_options(args: &[String]) -> (Vec<char>, Vec<&str>) {
+    let mut flags = Vec::new();
+    let mut operands = Vec::new();
+    for a in args {
+        match a.strip_prefix('-') {
+            Some(f) if !f.is_empty() => flags.extend(f.chars()),
+            _ => operands.push(a.as_str()),
+        }
+    }
+    (flags, operands)
 }
 
 /// The command a name or path such as `/bin/echo` stands for.
@@ -1174,8 +1171,8 @@ mod tests {
         let code = interp.run_argv(&argv, &mut sink).await;
         Run {
             code,
-            stdout: sink.text(Stream::Stdout),
-            stderr: sink.text(Stream::Stderr),
+            stdout: sink.text(OutputStream::Stdout),
+            stderr: sink.text(OutputStream::Stderr),
         }
     }
 
