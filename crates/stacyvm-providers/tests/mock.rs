@@ -15,19 +15,11 @@ use stacyvm_providers::{caps, Isolation, NetworkMode, Provider, SandboxSpec};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-/// A unique-enough token for ids and directory names.
-fn token() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{:x}{n:x}", std::process::id(), nanos & 0xff_ffff_ffff)
-}
+#[path = "../../stacyvm-native/tests/shared/mod.rs"]
+mod shared;
+use shared::token;
 
 /// A data directory of its own (short: socket paths are limited), removed
 /// at the end of the test.
@@ -121,7 +113,11 @@ async fn provider_identity() {
     let p = data.provider("inst-id").await;
     assert_eq!(p.name(), "mock");
     assert_eq!(p.isolation(), Isolation::None);
-    assert_eq!(p.capabilities(), [caps::EXEC, caps::FILES, caps::STREAMING]);
+    // It runs no program: `simulated_exec`, never `exec`.
+    assert_eq!(
+        p.capabilities(),
+        [caps::SIMULATED_EXEC, caps::FILES, caps::STREAMING]
+    );
     p.health().await.unwrap();
     assert!(p.list().await.unwrap().is_empty());
     assert!(data.state_dir().is_dir());

@@ -504,25 +504,35 @@ fn docker(cfg: &Config) -> CheckResult {
         s.set_read_timeout(Some(T)).map_err(|e| e.to_string())?;
         http_get(&mut s, "docker", "/version", None)
     })();
+    let where_ = format!("{}: /version", path.display());
+    json_check(id, res, &where_, |v| {
+        format!(
+            "{}: Docker {} (API {}, {})",
+            path.display(),
+            v["Version"].as_str().unwrap_or("?"),
+            v["ApiVersion"].as_str().unwrap_or("?"),
+            v["Os"].as_str().unwrap_or("?"),
+        )
+    })
+}
+
+/// An HTTP probe as a check: a 200 with a JSON body passes (`describe`
+/// says what it found), any other answer or error fails.
+fn json_check(
+    id: &str,
+    res: Result<(u16, String), String>,
+    target: &str,
+    describe: impl FnOnce(&serde_json::Value) -> String,
+) -> CheckResult {
     match res {
         Ok((200, body)) => {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            check(
-                id,
-                Status::Pass,
-                format!(
-                    "{}: Docker {} (API {}, {})",
-                    path.display(),
-                    v["Version"].as_str().unwrap_or("?"),
-                    v["ApiVersion"].as_str().unwrap_or("?"),
-                    v["Os"].as_str().unwrap_or("?"),
-                ),
-            )
+            check(id, Status::Pass, describe(&v))
         }
-        Ok((code, _)) => check(
+        Ok((code, body)) => check(
             id,
             Status::Fail,
-            format!("{}: /version answered {code}", path.display()),
+            format!("{target} answered {code}: {}", body.trim()),
         ),
         Err(e) => check(id, Status::Fail, e),
     }
@@ -597,25 +607,12 @@ fn custom(cfg: &Config) -> CheckResult {
         s.set_read_timeout(Some(T)).map_err(|e| e.to_string())?;
         http_get(&mut s, hostport, &path, cfg.custom.token.as_deref())
     })();
-    match res {
-        Ok((200, body)) => {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            check(
-                id,
-                Status::Pass,
-                format!(
-                    "{url}: healthy, isolation {}",
-                    v["isolation"].as_str().unwrap_or("not stated")
-                ),
-            )
-        }
-        Ok((code, body)) => check(
-            id,
-            Status::Fail,
-            format!("{url}{path} answered {code}: {}", body.trim()),
-        ),
-        Err(e) => check(id, Status::Fail, e),
-    }
+    json_check(id, res, &format!("{url}{path}"), |v| {
+        format!(
+            "{url}: healthy, isolation {}",
+            v["isolation"].as_str().unwrap_or("not stated")
+        )
+    })
 }
 
 /// The host checks that matter for `provider` (kernel features, binaries
