@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// create→first exec iterations of the Docker provider (and `docker run`).
     #[arg(long, default_value_t = 15)]
     docker_create_iterations: usize,
+    /// create→first exec iterations of the proot provider (and raw `proot`
+    /// launches of `true` on the image's root filesystem).
+    #[arg(long, default_value_t = 10)]
+    proot_create_iterations: usize,
     /// Spawns from a template with a warm pool (and plain creates to
     /// compare) on the native provider.
     #[arg(long, default_value_t = 50)]
@@ -824,7 +828,37 @@ pub async fn run(a: BenchArgs, api_key: Option<String>) -> Result<i32> {
                 true,
             ));
             eprintln!("  native: create → first exec done");
-
+        }
+        if has("proot") && a.proot_create_iterations > 0 {
+            let proot = create_series(&c, &a.image, "proot", a.proot_create_iterations).await?;
+            let root = peer_rootfs(&image_dir, &a.image)?;
+            let root = root.to_string_lossy().to_string();
+            let mut raw = Vec::new();
+            for _ in 0..a.proot_create_iterations {
+                raw.push(ms(run_peer("proot", &["-r", &root, "/bin/true"])?));
+            }
+            rows.push(row(
+                "create → first exec [proot]".into(),
+                "ms",
+                &proot,
+                "proot launch",
+                &raw,
+                true,
+            ));
+            if !create_docker.is_empty() {
+                rows.push(row(
+                    "create → first exec [proot]".into(),
+                    "ms",
+                    &proot,
+                    "docker provider",
+                    &create_docker,
+                    true,
+                ));
+            }
+            eprintln!("  proot: create → first exec done");
+        }
+        // Warm pools and previews are measured on the native provider.
+        if has("native") {
             if a.spawn_iterations > 0 {
                 let (warm, plain) =
                     template_spawn_series(&c, &a.image, "native", a.spawn_iterations).await?;
