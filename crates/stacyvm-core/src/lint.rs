@@ -291,7 +291,7 @@ mod tests {
             ("STACYVM_PREVIEW_DOMAIN", "preview.example.com"),
             ("STACYVM_PREVIEW_ACCESS", "public"),
             ("STACYVM_PROVIDERS", "native,custom"),
-            ("STACYVM_CUSTOM_URL", "http://10.1.2.3:7500"),
+            ("STACYVM_CUSTOM_URL", "http://192.0.2.13:7500"),
         ]);
         let f = lint(
             &cfg,

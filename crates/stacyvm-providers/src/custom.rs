@@ -936,19 +936,19 @@ mod tests {
             AgentEndpoint::Unix("/run/a.sock".into())
         );
         assert_eq!(
-            w(json!({"tcp": "10.0.0.2:7000", "token": "t"})).unwrap(),
+            w(json!({"tcp": "192.0.2.2:7000", "token": "t"})).unwrap(),
             AgentEndpoint::Tcp {
-                addr: "10.0.0.2:7000".into(),
+                addr: "192.0.2.2:7000".into(),
                 token: "t".into()
             }
         );
         assert!(w(json!({"tcp": "[::1]:7000", "token": "t"})).is_ok());
         assert!(w(json!({"tcp": "host.example:7000", "token": "t"})).is_ok());
         assert!(w(json!({"unix": "rel.sock"})).is_err());
-        assert!(w(json!({"tcp": "10.0.0.2:7000"})).is_err());
-        assert!(w(json!({"tcp": "10.0.0.2:7000", "token": ""})).is_err());
-        assert!(w(json!({"tcp": "10.0.0.2", "token": "t"})).is_err());
-        assert!(w(json!({"tcp": "10.0.0.2:0", "token": "t"})).is_err());
+        assert!(w(json!({"tcp": "192.0.2.2:7000"})).is_err());
+        assert!(w(json!({"tcp": "192.0.2.2:7000", "token": ""})).is_err());
+        assert!(w(json!({"tcp": "192.0.2.2", "token": "t"})).is_err());
+        assert!(w(json!({"tcp": "192.0.2.2:0", "token": "t"})).is_err());
         assert!(w(json!({"tcp": "a:1", "token": "t", "unix": "/x"})).is_err());
         assert!(w(json!({})).is_err());
     }
