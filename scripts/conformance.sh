@@ -32,12 +32,7 @@ mkdir -p "$reports" "$STACYVM_DATA_DIR"
 
 # The test image in the native image store (native, proot and the reference
 # backend take their root filesystems from it).
-if ! "$bin" image ls 2>/dev/null | grep -q "${image%%:*}"; then
-  tar="$cache/images/python-bookworm.tar"
-  [ -f "$tar" ] || die "$tar not found; run scripts/setup-host.sh"
-  log "importing $tar as $image into $STACYVM_IMAGE_DIR"
-  "$bin" image import "$tar" "$image"
-fi
+ensure_native_image "$bin" "$STACYVM_IMAGE_DIR" "$image" "$cache/images/python-bookworm.tar"
 
 backend_pid=""
 backend_dir=""

@@ -189,3 +189,17 @@ ensure_dockerd() {
   fi
   die "dockerd (pid $pid) exited before becoming ready"
 }
+
+# The test image in the native image store that the Rust tests (native,
+# proot), the end-to-end suite and the conformance runs share.
+#   $1 = stacyvm binary, $2 = image store dir, $3 = image name, $4 = rootfs tarball
+ensure_native_image() {
+  local bin="$1" store="$2" image="$3" tar="$4"
+  if STACYVM_IMAGE_DIR="$store" "$bin" image ls 2>/dev/null | grep -q "${image%%:*}"; then
+    info "image $image already in $store"
+    return 0
+  fi
+  [ -f "$tar" ] || die "$tar not found; run scripts/setup-host.sh"
+  log "importing $tar as $image into $store"
+  STACYVM_IMAGE_DIR="$store" "$bin" image import "$tar" "$image"
+}

@@ -16,11 +16,17 @@ export STACYVM_BIN="$root/target/release/stacyvm"
 export STACYVM_AGENT_PATH="$root/target/$triple/release/stacyvm-agent"
 export STACYVM_TEST_IMAGE="${STACYVM_TEST_IMAGE:-stacyvm-test/python:bookworm}"
 
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
+cache="${STACYVM_CACHE_DIR:-$root/.ci/cache}"
+ensure_native_image "$STACYVM_BIN" "$cache/native-images" "$STACYVM_TEST_IMAGE" \
+  "$cache/images/python-bookworm.tar"
+
 echo "==> cargo test (workspace)"
 cargo test --release --locked --workspace
 
 echo "==> end-to-end tests (real server, real dockerd, official Python client)"
-py="${STACYVM_CACHE_DIR:-$root/.ci/cache}/venv/bin/python"
+py="$cache/venv/bin/python"
 "$py" -m pytest "$root/tests/e2e" -q -p no:cacheprovider
 
 echo "==> provider conformance (stacyvm certify: native, docker, proot, custom, mock)"
