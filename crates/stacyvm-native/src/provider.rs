@@ -272,6 +272,18 @@ impl InitProc {
     }
 }
 
+/// What every way of starting one sandbox needs.
+#[derive(Clone, Copy)]
+struct Start<'a> {
+    spec: &'a SandboxSpec,
+    layout: &'a Layout,
+    limits: &'a Limits,
+    image: &'a ResolvedImage,
+    sd: &'a SandboxDir,
+    watch: Option<&'a DirWatch>,
+    deadline: tokio::time::Instant,
+}
+
 /// A pre-started sandbox: namespaces made, parked in its own cgroups,
 /// waiting for its configuration.
 struct Warm {
@@ -503,19 +515,22 @@ impl Inner {
     /// Send the sandbox configuration to a started init whose PID 1 is
     /// `pid`, wait for it to become the agent and for the agent to answer.
     /// Returns `pid`.
-    #[allow(clippy::too_many_arguments)]
     async fn finish(
         &self,
-        spec: &SandboxSpec,
-        layout: &Layout,
-        image: &ResolvedImage,
-        sd: &SandboxDir,
+        st: &Start<'_>,
         init: &mut InitProc,
         pid: i32,
         pidfd: OwnedFd,
-        watch: Option<&DirWatch>,
-        deadline: tokio::time::Instant,
     ) -> Result<i32, ProviderError> {
+        let Start {
+            spec,
+            layout,
+            image,
+            sd,
+            watch,
+            deadline,
+            ..
+        } = *st;
         let pidfd = register(pidfd)
             .map_err(|e| ProviderError::Runtime(format!("cannot watch pid {pid}: {e}")))?;
         let log = &sd.log();
@@ -980,24 +995,18 @@ impl Inner {
         let was_warm = warm.is_some();
         let inner = Arc::clone(self);
         let mut guard = CreateGuard::new(&spec.id, move |id| inner.teardown(id));
+        let st = Start {
+            spec,
+            layout,
+            limits: &limits,
+            image: &image,
+            sd: &sd,
+            watch: watch.as_ref(),
+            deadline,
+        };
         let started = match warm {
-            Some(w) => {
-                self.start_warm(
-                    spec,
-                    layout,
-                    &limits,
-                    &image,
-                    &sd,
-                    w,
-                    watch.as_ref(),
-                    deadline,
-                )
-                .await
-            }
-            None => {
-                self.start_cold(spec, layout, &limits, &image, &sd, watch.as_ref(), deadline)
-                    .await
-            }
+            Some(w) => self.start_warm(&st, w).await,
+            None => self.start_cold(&st).await,
         };
         // Not abandoned: a failure is cleaned up below, before answering.
         guard.disarm();
@@ -1021,18 +1030,14 @@ impl Inner {
     }
 
     /// Hand a pre-started sandbox its configuration.
-    #[allow(clippy::too_many_arguments)]
-    async fn start_warm(
-        &self,
-        spec: &SandboxSpec,
-        layout: &Layout,
-        limits: &Limits,
-        image: &ResolvedImage,
-        sd: &SandboxDir,
-        w: Warm,
-        watch: Option<&DirWatch>,
-        deadline: tokio::time::Instant,
-    ) -> Result<i32, ProviderError> {
+    async fn start_warm(&self, st: &Start<'_>, w: Warm) -> Result<i32, ProviderError> {
+        let Start {
+            spec,
+            layout,
+            limits,
+            sd,
+            ..
+        } = *st;
         let cgroups = Cgroups {
             cgroup_leaf: w.slot.clone(),
             cgroups: layout.sandbox_dirs(&self.instance_id, &w.slot),
@@ -1062,24 +1067,19 @@ impl Inner {
         layout
             .set_limits(&self.instance_id, &slot, limits)
             .map_err(|e| ProviderError::Runtime(format!("cannot set limits: {e}")))?;
-        self.finish(
-            spec, layout, image, sd, &mut init, pid, pidfd, watch, deadline,
-        )
-        .await
+        self.finish(st, &mut init, pid, pidfd).await
     }
 
     /// Start a sandbox from scratch.
-    #[allow(clippy::too_many_arguments)]
-    async fn start_cold(
-        &self,
-        spec: &SandboxSpec,
-        layout: &Layout,
-        limits: &Limits,
-        image: &ResolvedImage,
-        sd: &SandboxDir,
-        watch: Option<&DirWatch>,
-        deadline: tokio::time::Instant,
-    ) -> Result<i32, ProviderError> {
+    async fn start_cold(&self, st: &Start<'_>) -> Result<i32, ProviderError> {
+        let Start {
+            spec,
+            layout,
+            limits,
+            sd,
+            deadline,
+            ..
+        } = *st;
         let cgroups = Cgroups {
             cgroup_leaf: spec.id.clone(),
             cgroups: layout.sandbox_dirs(&self.instance_id, &spec.id),
@@ -1147,8 +1147,7 @@ impl Inner {
         state.start_time = Some(start);
         sd.write(&state)
             .map_err(|e| ProviderError::Runtime(format!("cannot record the sandbox state: {e}")))?;
-        self.finish(spec, layout, image, sd, &mut init, pid, fd, watch, deadline)
-            .await
+        self.finish(st, &mut init, pid, fd).await
     }
 
     fn info(&self, id: &str) -> Option<RuntimeInfo> {
