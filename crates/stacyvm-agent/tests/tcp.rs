@@ -35,6 +35,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The pid an agent on `addr` reports on `/v1/health`, `None` while
+/// nothing answers there.
+fn pid_listening_at(addr: SocketAddr) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /v1/health HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split_once("\r\n\r\n")?.1;
+    // The body may be chunked: the JSON object is between the braces.
+    let json = &body[body.find('{')?..=body.rfind('}')?];
+    serde_json::from_str::<Health>(json).ok().map(|h| h.pid)
+}
+
 /// An agent listening on TCP; killed on drop.
 struct TcpAgent {
     child: Child,
@@ -61,8 +81,15 @@ impl TcpAgent {
                 .expect("start agent");
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                if std::net::TcpStream::connect(addr).is_ok() {
-                    return TcpAgent { child, addr, work };
+                // Whoever answers must be this agent: had another process
+                // taken the port first, this one exits and the other answers.
+                if let Some(pid) = pid_listening_at(addr) {
+                    if pid == child.id() {
+                        return TcpAgent { child, addr, work };
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
                 }
                 if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
                     let _ = child.kill();
